@@ -1,0 +1,229 @@
+"""The typed pipeline spec (``mixflow run pipelines/<name>.yaml``).
+
+Every section is a strict pydantic model: unknown fields and wrong values are
+rejected with a :class:`~mixflow.errors.ConfigError` that names the field path
+(``decode.device``) and, for choices, the allowed values.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mixflow.errors import ConfigError
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: Any) -> int:
+    """``"64MiB"`` / ``"1.5GB"`` / ``4096`` -> bytes."""
+    if isinstance(value, bool):
+        raise ValueError("expected a byte size such as 64MiB")
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ValueError(f"expected a byte size such as 64MiB or 1GB, got {value!r}")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Strict):
+    shards: str = Field(description="Directory holding *.tar shards with DALI *.idx index files.")
+    demo: Literal["digits", "photos"] | None = Field(
+        None, description="Build this demo set into `shards` first when the directory holds no shards.")
+    num_classes: int = Field(gt=1)
+    shard_size: Annotated[int, Field(gt=0)] = Field(2**20, description="Target shard size when building the demo.")
+    shuffle_window: int = Field(4, ge=1, description="Shards whose samples are shuffled together.")
+
+    _parse_size = field_validator("shard_size", mode="before")(lambda v: parse_bytes(v))
+
+
+class DecodeSpec(_Strict):
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    size: tuple[int, int] = Field((224, 224), description="Output (height, width).")
+    scale: tuple[float, float] = (0.08, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    antialias: bool = Field(False, description="Antialiased resize (slower on CPU).")
+    normalize: bool = Field(False, description="Emit float CHW normalized by mean/std instead of uint8 HWC.")
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    threads: int = Field(1, ge=1, description="DALI CPU threads per decoder actor.")
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> "DecodeSpec":
+        if min(self.size) < 1:
+            raise ValueError(f"size must be positive, got {self.size}")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {self.ratio}")
+        return self
+
+
+class _MixCommon(_Strict):
+    prob: float = Field(1.0, ge=0.0, le=1.0, description="Probability that a batch (or element) is mixed.")
+    mode: Literal["batch", "pair", "elem"] = "batch"
+    pairing: Literal["derangement", "flip", "roll"] = "derangement"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class NoMixSpec(_Strict):
+    method: Literal["none"]
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class MixUpSpec(_MixCommon):
+    method: Literal["mixup"]
+    alpha: float = Field(0.8, gt=0.0)
+
+
+class CutMixSpec(_MixCommon):
+    method: Literal["cutmix"]
+    alpha: float = Field(1.0, gt=0.0)
+    correct_lam: bool = True
+    minmax: tuple[float, float] | None = None
+
+
+class MixupCutmixSpec(_MixCommon):
+    """timm's ``Mixup`` recipe (DeiT: mixup_alpha 0.8, cutmix_alpha 1.0, switch_prob 0.5)."""
+
+    method: Literal["mixup_cutmix"]
+    mixup_alpha: float = Field(0.8, ge=0.0)
+    cutmix_alpha: float = Field(1.0, ge=0.0)
+    cutmix_minmax: tuple[float, float] | None = None
+    switch_prob: float = Field(0.5, ge=0.0, le=1.0)
+    correct_lam: bool = True
+
+    @model_validator(mode="after")
+    def _one_enabled(self) -> "MixupCutmixSpec":
+        if self.mixup_alpha == 0 and self.cutmix_alpha == 0 and self.cutmix_minmax is None:
+            raise ValueError("at least one of mixup_alpha, cutmix_alpha, cutmix_minmax must be enabled")
+        return self
+
+
+MixSpec = Annotated[Union[NoMixSpec, MixUpSpec, CutMixSpec, MixupCutmixSpec], Field(discriminator="method")]
+MIX_SPECS: dict[str, type[BaseModel]] = {
+    "none": NoMixSpec, "mixup": MixUpSpec, "cutmix": CutMixSpec, "mixup_cutmix": MixupCutmixSpec}
+
+
+class ChannelSpec(_Strict):
+    max_items: int = Field(4, ge=1, description="Batches queued per trainer rank.")
+    max_bytes: int = Field(64 * 2**20, ge=1, description="Bytes queued per trainer rank (e.g. 64MiB).")
+
+    _parse_size = field_validator("max_bytes", mode="before")(lambda v: parse_bytes(v))
+
+
+class RuntimeSpec(_Strict):
+    readers_per_rank: int = Field(1, ge=1)
+    prefetch: int = Field(2, ge=1, description="Decoded batches requested ahead by each mixer.")
+    address: str | None = Field(None, description="Ray address; None starts an embedded local Ray.")
+
+
+class TrainerSpec(_Strict):
+    ranks: int = Field(2, ge=1)
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(64, ge=1, description="Samples per batch delivered to each rank.")
+    model: Literal["digits_cnn", "none"] = Field("digits_cnn", description="'none' only iterates the feed.")
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class PipelineSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(0, ge=0)
+    run_dir: str | None = Field(None, description="Defaults to runs/<name>.")
+    on_error: Literal["raise", "skip"] = "raise"
+    data: DataSpec
+    decode: DecodeSpec = DecodeSpec()
+    mix: MixSpec = Field(default_factory=lambda: NoMixSpec(method="none"))
+    channel: ChannelSpec = ChannelSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
+    trainer: TrainerSpec = TrainerSpec()
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    # Pydantic puts the discriminator tag in the location of union members: drop it.
+    parts = [str(p) for p in loc if p not in MIX_SPECS]
+    return ".".join(parts) or "<root>"
+
+
+def _explain(err: dict[str, Any], model: type[BaseModel]) -> str:
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        parent = _resolve_model(model, err["loc"][:-1])
+        allowed = ", ".join(sorted(parent.model_fields)) if parent else "?"
+        return f"unknown field; allowed fields: {allowed}"
+    if err["type"] == "missing":
+        return "required field is missing"
+    if "input" in err and not isinstance(err["input"], dict):
+        msg += f" (got {err['input']!r})"
+    return msg
+
+
+def _resolve_model(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    current: Any = model
+    for part in loc:
+        if part in MIX_SPECS:
+            current = MIX_SPECS[part]
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else ann
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def validate_spec(raw: dict[str, Any], source: str | None = None) -> PipelineSpec:
+    """Validate a raw mapping into a :class:`PipelineSpec` or raise :class:`ConfigError`."""
+    if not isinstance(raw, dict):
+        raise ConfigError([("<root>", f"expected a mapping, got {type(raw).__name__}")], source)
+    try:
+        return PipelineSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = [(_field_path(e["loc"]), _explain(e, PipelineSpec)) for e in exc.errors()]
+        raise ConfigError(problems, source) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> PipelineSpec:
+    """Load a YAML spec; ``overrides`` are ``dotted.path=value`` strings (value parsed as YAML)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([("<file>", f"no such pipeline spec: {path}")], str(path))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([("<file>", f"not valid YAML: {exc}")], str(path)) from None
+    for item in overrides or []:
+        apply_override(raw, item)
+    return validate_spec(raw, str(path))
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a nested mapping (value parsed as YAML)."""
+    if "=" not in item:
+        raise ConfigError([(item, "override must look like field.path=value")])
+    key, value = item.split("=", 1)
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError([(key, f"{part} is not a section")])
+    node[parts[-1]] = yaml.safe_load(value)

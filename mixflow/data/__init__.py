@@ -1,0 +1,1 @@
+"""Shard formats: listing, DALI index files, writers and readers."""

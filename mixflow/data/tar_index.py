@@ -1,0 +1,78 @@
+"""DALI WebDataset index files (``.idx``, format ``v1.2``).
+
+One line per sample: ``ext data_offset size name`` repeated per component, after a
+header ``v1.2 <num_samples>``. Offsets point at the member's data (after its 512-byte
+tar header), exactly what ``wds2idx`` writes and ``fn.readers.webdataset`` reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from mixflow.errors import DataError
+
+INDEX_VERSION = "v1.2"
+
+
+@dataclass(frozen=True)
+class Component:
+    ext: str
+    offset: int
+    size: int
+    name: str
+
+
+@dataclass(frozen=True)
+class IndexedSample:
+    key: str
+    components: dict[str, Component]
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """WebDataset naming: the key is everything before the first dot of the basename."""
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1:]
+
+
+def write_index(path: str | Path, samples: list[list[Component]]) -> None:
+    lines = [f"{INDEX_VERSION} {len(samples)}"]
+    for comps in samples:
+        lines.append(" ".join(f"{c.ext} {c.offset} {c.size} {c.name}" for c in comps))
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def read_index(path: str | Path, shard: str | None = None) -> list[IndexedSample]:
+    """Parse an index file; errors name the index file, the line and the shard."""
+    path = Path(path)
+    where = shard or str(path)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise DataError(f"cannot read index file {path}: {exc.strerror}", shard=where) from None
+    if not lines:
+        raise DataError(f"index file {path} is empty", shard=where)
+    head = lines[0].split()
+    if len(head) != 2 or head[0] != INDEX_VERSION:
+        raise DataError(f"index file {path}: expected header '{INDEX_VERSION} <n>', got {lines[0]!r}", shard=where)
+    expected = int(head[1])
+    samples: list[IndexedSample] = []
+    for lineno, line in enumerate(lines[1:], start=2):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) % 4:
+            raise DataError(f"index file {path} line {lineno}: expected groups of 4 fields", shard=where)
+        comps: dict[str, Component] = {}
+        key = None
+        for i in range(0, len(fields), 4):
+            ext, off, size, name = fields[i:i + 4]
+            comps[ext] = Component(ext, int(off), int(size), name)
+            key = split_name(name)[0]
+        samples.append(IndexedSample(key=key, components=comps))
+    if len(samples) != expected:
+        raise DataError(f"index file {path} announces {expected} samples but lists {len(samples)}", shard=where)
+    return samples

@@ -1,0 +1,1 @@
+"""DALI decoding; the device (CPU / GPU "mixed") is chosen at construction time."""

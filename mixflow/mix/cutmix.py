@@ -1,0 +1,70 @@
+"""CutMix: Yun et al., "CutMix: Regularization Strategy to Train Strong Classifiers
+with Localizable Features", ICCV 2019.
+
+Box with cut ratio ``sqrt(1-lam)`` (``cut_h = int(H*r)``, ``cut_w = int(W*r)``), centre
+uniform over the image, clipped to it; the partner's pixels are pasted inside. With
+``correct_lam`` lam becomes ``1 - box_area/(H*W)`` after clipping (timm's default).
+``minmax`` draws the box size uniformly in ``[min, max]`` of the image side instead
+(timm ``cutmix_minmax``), which always corrects lam.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mixflow.mix.lam import apply_prob, beta_lam, per_mode
+from mixflow.mix.mixed_batch import MixedBatch
+from mixflow.mix.ops import paste_boxes, spatial_dims
+from mixflow.mix.pairing import partner_index
+
+
+def cutmix_boxes(lam: np.ndarray, h: int, w: int, rng: np.random.Generator, mode: str, perm: np.ndarray,
+                 minmax: tuple[float, float] | None = None) -> np.ndarray:
+    """Boxes ``[B, 4]`` as ``(y1, y2, x1, x2)``, shared according to ``mode``. lam = 1 gives an empty box."""
+    n = len(lam)
+    if minmax is not None:
+        lo, hi = minmax
+        if not 0 < lo < hi <= 1:
+            raise ValueError(f"cutmix minmax must satisfy 0 < min < max <= 1, got {minmax}")
+        cut_h = per_mode(lambda k: rng.integers(int(h * lo), int(h * hi), size=k), mode, perm)
+        cut_w = per_mode(lambda k: rng.integers(int(w * lo), int(w * hi), size=k), mode, perm)
+        y1 = per_mode(lambda k: rng.random(k), mode, perm)
+        x1 = per_mode(lambda k: rng.random(k), mode, perm)
+        y1 = np.floor(y1 * (h - cut_h + 1)).astype(np.int64)
+        x1 = np.floor(x1 * (w - cut_w + 1)).astype(np.int64)
+        boxes = np.stack([y1, y1 + cut_h, x1, x1 + cut_w], axis=1)
+    else:
+        ratio = np.sqrt(1.0 - lam)
+        cut_h = (h * ratio).astype(np.int64)
+        cut_w = (w * ratio).astype(np.int64)
+        cy = per_mode(lambda k: rng.integers(0, h, size=k), mode, perm)
+        cx = per_mode(lambda k: rng.integers(0, w, size=k), mode, perm)
+        boxes = np.stack([np.clip(cy - cut_h // 2, 0, h), np.clip(cy + cut_h // 2, 0, h),
+                          np.clip(cx - cut_w // 2, 0, w), np.clip(cx + cut_w // 2, 0, w)], axis=1)
+    boxes[lam >= 1.0] = 0
+    return boxes.astype(np.int64)
+
+
+def box_lam(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
+    """``1 - box_area/(H*W)``: the weight of the sample's own label after pasting."""
+    area = (boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])
+    return 1.0 - area / float(h * w)
+
+
+def cutmix(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, num_classes: int,
+           alpha: float = 1.0, mode: str = "batch", pairing: str = "derangement", prob: float = 1.0,
+           label_smoothing: float = 0.0, correct_lam: bool = True,
+           minmax: tuple[float, float] | None = None, layout: str = "auto") -> MixedBatch:
+    """CutMix a batch (uint8 NHWC or float NCHW)."""
+    hd, wd = spatial_dims(x, layout)
+    h, w = x.shape[hd], x.shape[wd]
+    perm = partner_index(len(x), pairing, rng, mode)
+    lam = apply_prob(beta_lam(alpha, mode, perm, rng), prob, mode, perm, rng)
+    boxes = cutmix_boxes(lam, h, w, rng, mode, perm, minmax)
+    if correct_lam or minmax is not None:
+        lam = np.where(lam >= 1.0, 1.0, box_lam(boxes, h, w))
+    perm_t = torch.as_tensor(perm, device=x.device)
+    out = paste_boxes(x, perm_t, boxes, layout)
+    return MixedBatch(out, y, y[perm_t.to(y.device)], torch.as_tensor(lam, dtype=torch.float32),
+                      perm_t, num_classes, label_smoothing, "cutmix")

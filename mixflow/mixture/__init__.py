@@ -1,0 +1,1 @@
+"""Data-mixture policies and the exact domain schedule: pure numpy/torch, no Ray."""
