@@ -138,6 +138,8 @@ class TrainerSpec(_Strict):
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    throttle: dict[int, float] = Field(
+        default_factory=dict, description="Seconds of sleep per step by rank: simulates slow ranks (soak tests).")
 
 
 class PipelineSpec(_Strict):

@@ -1,0 +1,1 @@
+"""The only package that imports Ray: actors, channels, the pipeline graph, the ledger."""

@@ -1,0 +1,77 @@
+"""The end-of-run summary: throughput, waiting, per-rank samples, loss, ledger verdicts."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from mixflow.runtime.ledger import EpochLedger
+
+
+@dataclass
+class RankSummary:
+    rank: int
+    samples: int = 0
+    steps: int = 0
+    wait_s: float = 0.0
+    wall_s: float = 0.0
+    epoch_loss: list[float] = field(default_factory=list)
+
+    @property
+    def wait_fraction(self) -> float:
+        return self.wait_s / self.wall_s if self.wall_s else 0.0
+
+
+@dataclass
+class RunSummary:
+    name: str
+    decode_device: str
+    startup_s: float
+    wall_s: float
+    samples: int
+    ranks: list[RankSummary]
+    ledgers: list[EpochLedger]
+    skipped: int
+    channel_peaks: list[dict]
+
+    @property
+    def throughput(self) -> float:
+        return self.samples / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def exactly_once(self) -> bool:
+        return all(ledger.exactly_once for ledger in self.ledgers)
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["throughput"] = self.throughput
+        out["exactly_once"] = self.exactly_once
+        return out
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_json(), indent=1, default=str))
+
+    def render(self, console: Console | None = None) -> None:
+        console = console or Console()
+        console.print(f"[bold]{self.name}[/]: {self.samples} samples in {self.wall_s:.1f} s = "
+                      f"[bold]{self.throughput:.0f} samples/s[/] (decode on {self.decode_device}; "
+                      f"actors started in {self.startup_s:.1f} s)")
+        table = Table("rank", "samples", "steps", "waiting for data", "loss by epoch")
+        for r in self.ranks:
+            losses = " → ".join(f"{v:.3f}" for v in r.epoch_loss) or "-"
+            table.add_row(str(r.rank), str(r.samples), str(r.steps),
+                          f"{r.wait_s:.1f} s ({100 * r.wait_fraction:.0f}%)", losses)
+        console.print(table)
+        for peak, r in zip(self.channel_peaks, self.ranks):
+            console.print(f"channel r{r.rank}: peak {peak['peak_items']}/{peak['max_items']} batches, "
+                          f"{peak['peak_bytes'] / 2**20:.1f}/{peak['max_bytes'] / 2**20:.1f} MiB queued")
+        for ledger in self.ledgers:
+            style = "green" if ledger.exactly_once else "red"
+            console.print(f"[{style}]ledger {ledger.describe()}[/]")
+        if self.skipped:
+            console.print(f"[yellow]{self.skipped} bad samples skipped (see quarantine.jsonl)[/]")

@@ -1,0 +1,69 @@
+"""The trainer-side feed: turns delivered batches into torch tensors on the rank's device."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+
+class BatchSource(Protocol):
+    def get(self) -> dict | None: ...
+
+
+@dataclass
+class TorchBatch:
+    """A mixed batch as the model wants it: float ``x [B, C, H, W]`` plus both label forms."""
+
+    x: torch.Tensor
+    targets: torch.Tensor
+    y_a: torch.Tensor
+    y_b: torch.Tensor
+    lam: torch.Tensor
+    keys: list[str]
+    step: int
+
+
+class Feed:
+    """Iterate one epoch of a rank's batches; records the keys delivered and the time spent waiting.
+
+    uint8 ``[B, H, W, C]`` images are converted to float ``[B, C, H, W]`` scaled to [0, 1]
+    and normalised by ``mean``/``std`` here, on the rank's device, so the channels carry
+    a quarter of the bytes.
+    """
+
+    def __init__(self, source: BatchSource, device: str | torch.device = "cpu",
+                 mean: tuple[float, ...] = (0.485, 0.456, 0.406), std: tuple[float, ...] = (0.229, 0.224, 0.225)):
+        self.source = source
+        self.device = torch.device(device)
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
+        self.keys: list[str] = []
+        self.wait_s = 0.0
+        self.samples = 0
+
+    def _to_torch(self, batch: dict) -> TorchBatch:
+        with warnings.catch_warnings():  # object-store arrays are read-only; we never write into them
+            warnings.simplefilter("ignore", UserWarning)
+            x = torch.from_numpy(batch["x"]).to(self.device, non_blocking=True)
+        if x.dtype == torch.uint8:
+            x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std)
+        as_t = lambda k: torch.from_numpy(np.asarray(batch[k])).to(self.device)  # noqa: E731
+        return TorchBatch(x.contiguous(), as_t("targets"), as_t("y_a"), as_t("y_b"), as_t("lam"),
+                          list(batch["keys"]), int(batch["step"]))
+
+    def __iter__(self) -> Iterator[TorchBatch]:
+        while True:
+            start = time.perf_counter()
+            batch = self.source.get()
+            self.wait_s += time.perf_counter() - start
+            if batch is None:
+                return
+            self.keys.extend(batch["keys"])
+            self.samples += len(batch["keys"])
+            yield self._to_torch(batch)
