@@ -35,16 +35,23 @@ def pasted_mask(out: torch.Tensor, x: torch.Tensor, layout: str) -> torch.Tensor
     return diff.any(dim=3) if layout == "NHWC" else diff.any(dim=1)
 
 
-def mask_box_sides(mask: torch.Tensor) -> tuple[int, int]:
-    """(height, width) of the bounding box of a [H, W] mask; also asserts the mask is that box."""
-    rows = torch.nonzero(mask.any(dim=1)).flatten()
-    cols = torch.nonzero(mask.any(dim=0)).flatten()
-    if len(rows) == 0:
-        return 0, 0
-    bh = int(rows[-1] - rows[0] + 1)
-    bw = int(cols[-1] - cols[0] + 1)
-    assert int(mask.sum()) == bh * bw, "pasted region is not a rectangle"
-    return bh, bw
+def box_sides(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample (height, width, rows_any, cols_any) of a [B, H, W] mask; asserts each mask is one rectangle."""
+    rows_any = mask.any(dim=2)
+    cols_any = mask.any(dim=1)
+    assert torch.equal(mask, rows_any[:, :, None] & cols_any[:, None, :]), "pasted region is not a rectangle"
+    for band in (rows_any, cols_any):
+        n = band.shape[1]
+        count = band.sum(dim=1)
+        first = band.to(torch.int64).argmax(dim=1)
+        last = n - 1 - band.flip(1).to(torch.int64).argmax(dim=1)
+        has = count > 0
+        assert torch.equal(count[has], (last - first + 1)[has]), "pasted rows/cols are not contiguous"
+    return rows_any.sum(dim=1), cols_any.sum(dim=1), rows_any, cols_any
+
+
+def expand_mask(mask: torch.Tensor, layout: str) -> torch.Tensor:
+    return mask.unsqueeze(3) if layout == "NHWC" else mask.unsqueeze(1)
 
 
 def call(method: str, x, y, seed: int, **kw):
@@ -124,30 +131,18 @@ def test_cutmix_lam_equals_one_minus_pasted_area(layout, mode):
     x = distinct_nhwc(b, h, w) if layout == "NHWC" else distinct_nchw(b, h, w)
     y = torch.arange(b)
     clipped = 0
-    for seed in range(60):
+    for seed in range(40):
         mb = cutmix(x, y, rng(seed), num_classes=C, mode=mode, alpha=1.0)
         mask = pasted_mask(mb.x, x, layout)
         area = mask.sum(dim=(1, 2)).to(torch.float64)
         expected = (1.0 - area / (h * w)).to(torch.float32)
         assert torch.equal(mb.lam, expected), (seed, mb.lam, expected)
-        for i in range(b):
-            bh, bw = mask_box_sides(mask[i])
-            # the pasted pixels are the partner's exactly
-            if bh:
-                if layout == "NHWC":
-                    vals = mb.x[i][mask[i]]
-                else:
-                    vals = mb.x[i].permute(1, 2, 0)[mask[i]]
-                assert torch.all(vals == x[int(mb.perm[i])].flatten()[0])
-            # a box touching the border was clipped (at least for some seeds)
-            rows = torch.nonzero(mask[i].any(dim=1)).flatten()
-            cols = torch.nonzero(mask[i].any(dim=0)).flatten()
-            if bh and (rows[0] == 0 or rows[-1] == h - 1 or cols[0] == 0 or cols[-1] == w - 1):
-                clipped += 1
-        # outside the box the sample is untouched
-        assert torch.equal(mb.x[~mask.unsqueeze(3 if layout == "NHWC" else 1).expand_as(x)],
-                           x[~mask.unsqueeze(3 if layout == "NHWC" else 1).expand_as(x)])
-    assert clipped > 0, "no clipped box in 60 seeds: border case not exercised"
+        _, _, rows_any, cols_any = box_sides(mask)
+        # inside the box: the partner's pixels exactly; outside: untouched
+        assert torch.equal(mb.x, torch.where(expand_mask(mask, layout), x[mb.perm], x))
+        border = rows_any[:, 0] | rows_any[:, -1] | cols_any[:, 0] | cols_any[:, -1]
+        clipped += int(border.sum())
+    assert clipped > 0, "no box touched the border: clipping not exercised"
 
 
 @pytest.mark.parametrize("mode", ["batch", "elem"])
@@ -168,11 +163,9 @@ def test_cutmix_correct_lam_false_keeps_beta_lam(mode):
         # same boxes as with correct_lam=True
         mb2 = cutmix(x, y, rng(seed), num_classes=C, mode=mode, alpha=alpha, correct_lam=True)
         assert torch.equal(mb.x, mb2.x)
-        mask = pasted_mask(mb.x, x, "NCHW")
-        for i in range(b):
-            bh, bw = mask_box_sides(mask[i])
-            cut = int(h * np.sqrt(1 - beta[i]))
-            assert bh <= cut and bw <= cut
+        bh, bw, _, _ = box_sides(pasted_mask(mb.x, x, "NCHW"))
+        cut = torch.as_tensor((h * np.sqrt(1 - beta)).astype(np.int64))
+        assert torch.all(bh <= cut) and torch.all(bw <= cut)
         if not torch.equal(mb.lam, mb2.lam):
             differs += 1
     assert differs > 0
@@ -193,12 +186,12 @@ def test_cutmix_minmax_box_side_bounds(minmax, mode):
         area = mask.sum(dim=(1, 2)).to(torch.float64)
         # minmax always corrects lam, even with correct_lam=False
         assert torch.equal(mb.lam, (1.0 - area / (h * w)).to(torch.float32))
-        for i in range(b):
-            bh, bw = mask_box_sides(mask[i])
-            assert lo_h <= bh < hi_h, (bh, lo_h, hi_h)
-            assert lo_w <= bw < hi_w, (bw, lo_w, hi_w)
-            seen_h.add(bh)
-            seen_w.add(bw)
+        bh, bw, _, _ = box_sides(mask)
+        assert torch.all((lo_h <= bh) & (bh < hi_h)), (bh, lo_h, hi_h)
+        assert torch.all((lo_w <= bw) & (bw < hi_w)), (bw, lo_w, hi_w)
+        assert torch.equal(mb.x, torch.where(expand_mask(mask, "NHWC"), x[mb.perm], x))
+        seen_h.update(bh.tolist())
+        seen_w.update(bw.tolist())
     assert len(seen_h) > 2 and len(seen_w) > 2
 
 
@@ -237,12 +230,12 @@ def test_mixup_cutmix_elem_each_sample_is_cut_or_blended(mode):
 
 
 @pytest.mark.parametrize("mode", ["batch", "elem", "pair"])
-@pytest.mark.parametrize("shape", [(8, 5, 7, 3), (100, 64, 64, 3)])  # the second spans several chunks
+@pytest.mark.parametrize("shape", [(8, 5, 7, 3), (48, 64, 64, 3)])  # the second spans several chunks
 def test_mixup_uint8_exact(mode, shape):
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
     y = torch.arange(shape[0]) % C
-    for seed in range(3):
+    for seed in range(2):
         mb = mixup(x, y, rng(seed), num_classes=C, mode=mode)
         lam = mb.lam.to(torch.float32).view(-1, 1, 1, 1)
         ref = (lam * x.float() + (1 - lam) * x[mb.perm].float()).round().to(torch.uint8)
@@ -477,3 +470,38 @@ def test_bad_mode_and_alpha():
         mixup(x, y, rng(0), num_classes=C, alpha=0.0)
     with pytest.raises(ValueError, match="4 dims"):
         cutmix(x[0], y, rng(0), num_classes=C)
+
+
+def test_mixup_cutmix_batch_mode_switch():
+    x = distinct_nchw(8, 16, 16)
+    y = torch.arange(8)
+    tags: dict[str, int] = {}
+    for seed in range(40):
+        mb = mixup_cutmix(x, y, rng(seed), num_classes=C, mode="batch")
+        tags[mb.method] = tags.get(mb.method, 0) + 1
+    assert set(tags) == {"mixup", "cutmix"}
+    for seed in range(10):
+        assert mixup_cutmix(x, y, rng(seed), num_classes=C, switch_prob=1.0).method == "cutmix"
+        assert mixup_cutmix(x, y, rng(seed), num_classes=C, switch_prob=0.0).method == "mixup"
+        assert mixup_cutmix(x, y, rng(seed), num_classes=C, cutmix_alpha=0.0).method == "mixup"
+        assert mixup_cutmix(x, y, rng(seed), num_classes=C, mixup_alpha=0.0).method == "cutmix"
+        assert mixup_cutmix(x, y, rng(seed), num_classes=C, prob=0.0).method == "none"
+    with pytest.raises(ValueError, match="needs mixup_alpha > 0"):
+        mixup_cutmix(x, y, rng(0), num_classes=C, mixup_alpha=0.0, cutmix_alpha=0.0)
+
+
+@pytest.mark.parametrize("mode", ["elem", "pair"])
+def test_mixup_cutmix_switch_prob_extremes_per_element(mode):
+    """switch_prob=0: pure MixUp (every sample one blended value); 1: pure CutMix (only own/partner values)."""
+    b, h, w = 8, 16, 16
+    x = distinct_nchw(b, h, w)
+    y = torch.arange(b)
+    for seed in range(5):
+        mb = mixup_cutmix(x, y, rng(seed), num_classes=C, mode=mode, switch_prob=0.0)
+        lam = mb.lam.view(-1, 1, 1, 1)
+        torch.testing.assert_close(mb.x, lam * x + (1 - lam) * x[mb.perm], atol=1e-5, rtol=0)
+        mb = mixup_cutmix(x, y, rng(seed), num_classes=C, mode=mode, switch_prob=1.0)
+        mask = pasted_mask(mb.x, x, "NCHW")
+        box_sides(mask)
+        assert torch.equal(mb.x, torch.where(expand_mask(mask, "NCHW"), x[mb.perm], x))
+        assert torch.equal(mb.lam, (1.0 - mask.sum(dim=(1, 2)).double() / (h * w)).float())

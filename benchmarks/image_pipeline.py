@@ -1,0 +1,673 @@
+#!/usr/bin/env python
+"""Image pipeline benchmark: mixflow vs DALI alone vs torch DataLoader vs Ray Data.
+
+Builds the ``photos`` demo shard set once (real ~500x375 JPEG photographs, 3 classes)
+and runs each variant on the same shards in this one process. Every variant
+delivers ``--epochs`` epochs (every sample once per epoch) of ``--size`` x ``--size``
+RandomResizedCrop + flip images to TWO consumers, which only touch the data (one
+byte per batch) and do no training:
+
+  (a) mixflow end to end, through :func:`run_mixflow` (a thin adapter, filled in
+      by whoever builds ``mixflow.runtime``; until then it is reported as skipped).
+  (b) the same DALI ROI-decode pipeline alone: mixflow's ``WebDatasetSource`` (one
+      reader), ``random_resized_crop_windows`` and ``DaliImageDecoder`` on CPU, no
+      Ray and no mixing; batches alternate between the two consumers. The ceiling.
+  (c) torch ``DataLoader`` (2 workers) over a map-style dataset that ``pread``s the
+      bytes through the tar index, PIL decode + RandomResizedCrop + flip, and a
+      timm-style ``FastCollateMixup`` collate (written here, modelled on timm).
+  (d) Ray Data: ``read_webdataset`` + ``map_batches`` (PIL decode + crop + flip +
+      timm-style mixup/cutmix) + ``streaming_split(2, equal=False)`` consumed by
+      two zero-CPU Ray actors.
+
+Timing: ``seconds`` is wall time from building the variant's pipeline to the last
+batch reaching both consumers (pipeline construction, worker/actor start-up
+included). ``ray.init`` is done once, outside any variant's time, before the first
+variant that needs Ray. Variants that do not use Ray ((b), (c)) run first, so that
+the torch workers are forked before Ray starts and Ray's daemons do not run beside
+them. Timings on a 2-core machine are noisy: targets are reported as PASS/MISS,
+never asserted.
+
+Usage::
+
+    python benchmarks/image_pipeline.py [--samples 1024] [--batch-size 64] [--size 224]
+        [--epochs 1] [--only a,b,c,d] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# Run from a checkout (``python benchmarks/image_pipeline.py``): import this tree's mixflow.
+_ROOT = Path(__file__).resolve().parents[1]
+if str(_ROOT) not in sys.path:
+    sys.path.insert(0, str(_ROOT))
+
+# The recipe every variant follows (DeiT / timm defaults).
+SCALE = (0.08, 1.0)
+RATIO = (3.0 / 4.0, 4.0 / 3.0)
+MIXUP_ALPHA = 0.8
+CUTMIX_ALPHA = 1.0
+SWITCH_PROB = 0.5
+LABEL_SMOOTHING = 0.1
+NUM_CONSUMERS = 2
+CPUS = 2
+
+# (a) must reach this many times (b)/(c)/(d) samples/s.
+TARGETS = (("b", 0.85), ("c", 1.3), ("d", 1.5))
+VARIANTS = {
+    "a": "mixflow (Ray + DALI + mix)",
+    "b": "DALI alone (no Ray, no mix)",
+    "c": "torch DataLoader + PIL + timm collate",
+    "d": "Ray Data + PIL + timm mix",
+}
+RAY_VARIANTS = ("a", "d")
+RUN_ORDER = ("b", "c", "a", "d")  # non-Ray variants first (see module docstring)
+
+
+# --------------------------------------------------------------------------------------
+# (a) mixflow: the adapter
+# --------------------------------------------------------------------------------------
+
+def run_mixflow(shard_dir, batch_size, size, num_classes) -> int:
+    """Run mixflow end to end over ``shard_dir`` and return the number of samples delivered.
+
+    Contract for whoever fills this in:
+
+    * deliver ONE epoch (every sample exactly once) of ``size`` x ``size`` images,
+      RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3) + flip, mixed with MixUp 0.8 /
+      CutMix 1.0 / switch 0.5 / label smoothing 0.1, ``num_classes`` classes, in
+      batches of ``batch_size``, to TWO consumers that touch each batch (no training);
+    * Ray is already initialised by the harness (``num_cpus=2``, no dashboard) and is
+      shut down by it at the end; device is CPU (DALI ``device_id=None``);
+    * return the total number of samples the two consumers received (the harness
+      warns when it differs from the dataset size). With ``--epochs N`` the harness
+      calls this function N times.
+
+    Raising ``NotImplementedError`` (or ``ImportError``) makes the harness print
+    "(a) skipped: <reason>"; any other exception is reported as a failure.
+    """
+    raise NotImplementedError("mixflow end-to-end runtime not wired in yet (fill in run_mixflow)")
+
+
+# --------------------------------------------------------------------------------------
+# Shared helpers: PIL RandomResizedCrop and a timm-style FastCollateMixup
+# --------------------------------------------------------------------------------------
+
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale: tuple[float, float] = SCALE,
+                            ratio: tuple[float, float] = RATIO) -> tuple[int, int, int, int]:
+    """torchvision's ``RandomResizedCrop.get_params`` as a PIL box ``(left, top, right, bottom)``.
+
+    Up to 10 attempts of area ``U(scale) * W * H`` and log-uniform aspect ratio; if
+    none fits, a centre crop with the aspect ratio clamped to ``ratio``.
+    """
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return left, top, left + w, top + h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+def pil_random_resized_crop(data: bytes, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Decode JPEG bytes with PIL, RandomResizedCrop to ``size`` x ``size`` (bilinear), random
+    horizontal flip (p=0.5); returns ``uint8 [size, size, 3]`` (HWC), like torchvision + ToNumpy."""
+    img = Image.open(io.BytesIO(data))
+    img = img.convert("RGB")
+    box = random_resized_crop_box(img.width, img.height, rng)
+    img = img.resize((size, size), Image.BILINEAR, box=box)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(img)
+
+
+def timm_mix_params(rng: np.random.Generator, mixup_alpha: float = MIXUP_ALPHA,
+                    cutmix_alpha: float = CUTMIX_ALPHA, switch_prob: float = SWITCH_PROB,
+                    prob: float = 1.0) -> tuple[float, bool]:
+    """timm ``Mixup._params_per_batch``: one ``(lam, use_cutmix)`` per batch."""
+    if rng.random() >= prob:
+        return 1.0, False
+    use_cutmix = bool(rng.random() < switch_prob)
+    alpha = cutmix_alpha if use_cutmix else mixup_alpha
+    return float(rng.beta(alpha, alpha)), use_cutmix
+
+
+def timm_rand_bbox(h: int, w: int, lam: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """timm ``rand_bbox``: cut ratio ``sqrt(1-lam)``, uniform centre, clipped; ``(yl, yh, xl, xh)``."""
+    r = math.sqrt(1.0 - lam)
+    cut_h, cut_w = int(h * r), int(w * r)
+    cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+    yl, yh = int(np.clip(cy - cut_h // 2, 0, h)), int(np.clip(cy + cut_h // 2, 0, h))
+    xl, xh = int(np.clip(cx - cut_w // 2, 0, w)), int(np.clip(cx + cut_w // 2, 0, w))
+    return yl, yh, xl, xh
+
+
+def timm_mixup_target(labels: np.ndarray, num_classes: int, lam: float,
+                      smoothing: float = LABEL_SMOOTHING) -> np.ndarray:
+    """timm ``mixup_target`` with flip pairing: ``lam*onehot(y) + (1-lam)*onehot(y[::-1])``,
+    label smoothing ``off = s/C``, ``on = 1 - s + off``; ``float32 [B, C]``."""
+    off = smoothing / num_classes
+    on = 1.0 - smoothing + off
+    y1 = np.full((len(labels), num_classes), off, np.float32)
+    y1[np.arange(len(labels)), labels] = on
+    y2 = y1[::-1]
+    return (y1 * lam + y2 * (1.0 - lam)).astype(np.float32)
+
+
+def timm_mix_uint8(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator,
+                   num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """timm ``FastCollateMixup`` (batch mode) on a ``uint8 [B, H, W, C]`` batch.
+
+    Partner of sample ``i`` is ``B-1-i`` (flip pairing). MixUp blends each sample in
+    float32 and rounds back with ``np.rint``; CutMix pastes the partner's box and
+    corrects lam to the pasted area. Returns the mixed uint8 batch and soft targets.
+    Like timm, it loops over the samples (one image-sized float temporary at a time).
+    """
+    n, h, w = images.shape[:3]
+    lam, use_cutmix = timm_mix_params(rng)
+    out = np.empty_like(images)
+    if use_cutmix:
+        yl, yh, xl, xh = timm_rand_bbox(h, w, lam, rng)
+        lam = 1.0 - (yh - yl) * (xh - xl) / float(h * w)  # correct_lam
+    for i in range(n):
+        j = n - 1 - i
+        if lam == 1.0:
+            out[i] = images[i]
+        elif use_cutmix:
+            out[i] = images[i]
+            out[i, yl:yh, xl:xh] = images[j, yl:yh, xl:xh]
+        else:
+            mixed = images[i].astype(np.float32) * lam + images[j].astype(np.float32) * (1.0 - lam)
+            np.rint(mixed, out=mixed)
+            out[i] = mixed.astype(np.uint8)
+    return out, timm_mixup_target(np.asarray(labels, np.int64), num_classes, lam)
+
+
+def touch(batch) -> int:
+    """What a consumer does with a batch: read one byte (numpy array or torch tensor)."""
+    return int(np.asarray(batch).reshape(-1)[0])
+
+
+@dataclass
+class Consumer:
+    """A stand-in trainer rank: counts samples, touches one byte a batch, remembers keys."""
+
+    samples: int = 0
+    batches: int = 0
+    checksum: int = 0
+    first_batch_at: float | None = None  # time.time()
+    keys: list[str] = field(default_factory=list)
+
+    def consume(self, images, keys: Iterable[str]) -> None:
+        if self.first_batch_at is None:
+            self.first_batch_at = time.time()
+        self.samples += len(images)
+        self.batches += 1
+        self.checksum += touch(images)
+        self.keys.extend(keys)
+
+
+# --------------------------------------------------------------------------------------
+# Data set
+# --------------------------------------------------------------------------------------
+
+def prepare_shards(out_root: str | Path, num_samples: int) -> Path:
+    """Build (once) the photos demo set under ``<out_root>/photos-<N>``; reuse it when complete."""
+    from mixflow.data.demo_sets import build_demo
+    from mixflow.data.listing import list_shards
+
+    shard_dir = Path(out_root) / f"photos-{num_samples}"
+    marker = shard_dir / ".complete"
+    if marker.exists():
+        try:
+            if sum(s.num_samples for s in list_shards(shard_dir)) == num_samples:
+                print(f"reusing {num_samples} samples in {shard_dir}")
+                return shard_dir
+        except Exception:  # noqa: BLE001 - anything odd: rebuild
+            pass
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    for old in list(shard_dir.glob("photos-*.tar")) + list(shard_dir.glob("photos-*.idx")):
+        old.unlink()
+    t0 = time.perf_counter()
+    build_demo("photos", shard_dir, num_samples=num_samples)
+    marker.write_text(str(num_samples))
+    print(f"built {num_samples} samples in {shard_dir} ({time.perf_counter() - t0:.1f}s)")
+    return shard_dir
+
+
+def num_classes_of(shard_dir: Path) -> int:
+    return int(json.loads((shard_dir / "classes.json").read_text())["num_classes"])
+
+
+# --------------------------------------------------------------------------------------
+# (b) DALI alone
+# --------------------------------------------------------------------------------------
+
+def run_dali(shard_dir: Path, batch_size: int, size: int, num_classes: int, epochs: int,
+             consumers: list[Consumer]) -> int:
+    """mixflow's source + crop windows + DALI CPU decoder, one process, no Ray, no mixing.
+
+    Batches alternate between the consumers (batch ``k`` goes to consumer ``k % 2``).
+    """
+    from mixflow.data.jpeg_header import jpeg_info
+    from mixflow.data.listing import list_shards
+    from mixflow.data.webdataset_source import WebDatasetSource
+    from mixflow.decode.crop_windows import random_resized_crop_windows
+    from mixflow.decode.dali_image_decoder import DaliImageDecoder
+
+    source = WebDatasetSource(list_shards(shard_dir), reader=0, num_readers=1, seed=0)
+    decoder = DaliImageDecoder(size=(size, size), max_batch=batch_size, device="cpu", threads=CPUS)
+    rng = np.random.default_rng(0)
+    step = delivered = 0
+    try:
+        for epoch in range(epochs):
+            source.set_epoch(epoch)
+            while source.remaining:
+                samples = [source.read(s, r) for s, r in source.take(batch_size)]
+                jpgs = [s.components["jpg"] for s in samples]
+                infos = [jpeg_info(b) for b in jpgs]
+                labels = np.array([int(s.components["cls"]) for s in samples], np.int64)
+                anchors, shapes = random_resized_crop_windows(
+                    np.array([i.height for i in infos]), np.array([i.width for i in infos]), SCALE, RATIO, rng)
+                flips = rng.random(len(samples)) < 0.5
+                images = decoder.decode([np.frombuffer(b, np.uint8) for b in jpgs], anchors, shapes, flips)
+                if labels.size and labels.max() >= num_classes:
+                    raise ValueError(f"label {labels.max()} outside 0..{num_classes - 1}")
+                consumers[step % NUM_CONSUMERS].consume(images, [s.key for s in samples])
+                delivered += len(images)
+                step += 1
+    finally:
+        source.close()
+    return delivered
+
+
+# --------------------------------------------------------------------------------------
+# (c) torch DataLoader
+# --------------------------------------------------------------------------------------
+
+def _index_entries(shard_dir: Path) -> list[tuple[str, int, int, int, int, str]]:
+    """``(tar, jpg_offset, jpg_size, cls_offset, cls_size, key)`` for every sample, from the .idx files."""
+    from mixflow.data.listing import list_shards
+    from mixflow.data.tar_index import read_index
+
+    entries = []
+    for shard in list_shards(shard_dir):
+        for s in read_index(shard.index_path, shard=shard.path):
+            jpg, cls = s.components["jpg"], s.components["cls"]
+            entries.append((shard.path, jpg.offset, jpg.size, cls.offset, cls.size, s.key))
+    return entries
+
+
+def _process_rng(tag: str) -> np.random.Generator:
+    """A generator for this process (DataLoader worker or main), seeded from torch's per-worker seed."""
+    import torch
+
+    return np.random.default_rng([torch.initial_seed() % 2**63, os.getpid(), zlib.crc32(tag.encode())])
+
+
+class TarJpegDataset:
+    """Map-style dataset: ``pread`` a sample's bytes via the tar index, PIL RandomResizedCrop + flip.
+
+    Returns ``(uint8 [S, S, 3], label, key)``. File descriptors and the RNG are created
+    lazily in each worker process (after the fork).
+    """
+
+    def __init__(self, shard_dir: Path, size: int):
+        self.entries = _index_entries(shard_dir)
+        self.size = size
+        self._fds: dict[str, int] = {}
+        self._rng: np.random.Generator | None = None
+        self._pid = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int):
+        if self._pid != os.getpid():  # fresh process: own fds and RNG
+            self._pid, self._fds, self._rng = os.getpid(), {}, _process_rng("dataset")
+        path, joff, jsize, coff, csize, key = self.entries[i]
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        jpg = os.pread(fd, jsize, joff)
+        label = int(os.pread(fd, csize, coff))
+        return pil_random_resized_crop(jpg, self.size, self._rng), label, key
+
+
+class FastCollateMixup:
+    """timm-style ``FastCollateMixup`` collate: stack uint8, MixUp/CutMix per batch (flip pairing,
+    ``np.rint`` rounding, box paste), soft targets with label smoothing.
+
+    Returns ``(uint8 tensor [B, S, S, 3], float32 tensor [B, C], keys)``.
+    """
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+        self._rng: np.random.Generator | None = None
+        self._pid = None
+
+    def __call__(self, batch):
+        import torch
+
+        if self._pid != os.getpid():
+            self._pid, self._rng = os.getpid(), _process_rng("collate")
+        imgs, labels, keys = zip(*batch)
+        x = torch.from_numpy(np.stack(imgs))  # timm: torch.zeros(uint8) then fill
+        mixed, targets = timm_mix_uint8(x.numpy(), np.array(labels, np.int64), self._rng, self.num_classes)
+        return torch.from_numpy(mixed), torch.from_numpy(targets), list(keys)
+
+
+def run_torch(shard_dir: Path, batch_size: int, size: int, num_classes: int, epochs: int,
+              consumers: list[Consumer]) -> int:
+    """One DataLoader, ``num_workers=2``, shuffled; batches alternate between the two consumers.
+
+    Split choice: a single loader with 2 workers whose batches go to consumer ``k % 2``
+    (the per-rank split a DistributedSampler would make, served round-robin) keeps the
+    2 workers busy on the whole epoch; two loaders over halves with 1 worker each would
+    also use 2 workers but could leave one idle at the end of an uneven split.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    loader = DataLoader(TarJpegDataset(shard_dir, size), batch_size=batch_size, shuffle=True,
+                        num_workers=CPUS, collate_fn=FastCollateMixup(num_classes),
+                        generator=torch.Generator().manual_seed(0), persistent_workers=epochs > 1,
+                        prefetch_factor=2, drop_last=False)
+    step = delivered = 0
+    for _ in range(epochs):
+        for images, targets, keys in loader:
+            consumers[step % NUM_CONSUMERS].consume(images, keys)
+            delivered += len(images)
+            step += 1
+    return delivered
+
+
+# --------------------------------------------------------------------------------------
+# (d) Ray Data
+# --------------------------------------------------------------------------------------
+
+def ray_decode_crop_mix(batch: dict, size: int, num_classes: int) -> dict:
+    """``map_batches`` UDF: PIL decode + RandomResizedCrop + flip per sample, timm mix per batch.
+
+    Input columns (``read_webdataset(..., decoder=None)``): ``jpg`` and ``cls`` as raw
+    bytes, ``__key__``, ``__url__``. Output: ``image`` uint8 [n, S, S, 3], ``target``
+    float32 [n, C], ``__key__``.
+    """
+    keys = batch["__key__"]
+    rng = np.random.default_rng(zlib.crc32(str(keys[0]).encode()) if len(keys) else 0)
+    imgs = np.stack([pil_random_resized_crop(bytes(b), size, rng) for b in batch["jpg"]])
+    labels = np.array([int(c) for c in batch["cls"]], np.int64)
+    mixed, targets = timm_mix_uint8(imgs, labels, rng, num_classes)
+    return {"image": mixed, "target": targets, "__key__": np.asarray(keys, dtype=object)}
+
+
+def _ray_consumer_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class RayDataConsumer:
+        """A zero-CPU actor standing in for a trainer rank: iterates its split."""
+
+        def consume(self, it, epochs: int, batch_size: int) -> dict:
+            c = Consumer()
+            for _ in range(epochs):
+                for b in it.iter_batches(batch_size=batch_size, batch_format="numpy"):
+                    c.consume(b["image"], b["__key__"].tolist())
+            return {"samples": c.samples, "batches": c.batches, "checksum": c.checksum,
+                    "first_batch_at": c.first_batch_at, "keys": c.keys}
+
+    return RayDataConsumer
+
+
+def run_ray_data(shard_dir: Path, batch_size: int, size: int, num_classes: int, epochs: int,
+                 consumers: list[Consumer]) -> int:
+    """``read_webdataset`` -> ``map_batches`` -> ``streaming_split(2, equal=False)`` -> 2 actors.
+
+    Ray 2.60 notes (checked against the installed version):
+
+    * ``read_webdataset(dir)`` reads EVERY file of the directory as a tar (our ``.idx``
+      and ``classes.json`` included, failing with "truncated header"), hence
+      ``file_extensions=["tar"]``.
+    * ``decoder=False`` does NOT turn decoding off (a non-callable decoder is passed as
+      a format hint to the default decoder, which still decodes ``.jpg`` to a full-size
+      numpy array in the read task and ``.cls`` to int); ``decoder=None`` keeps raw bytes.
+      We keep bytes and decode in ``map_batches``, like (c) does in its workers.
+    * Columns are the member extensions: ``jpg``, ``cls``, plus ``__key__`` and ``__url__``.
+    * ``streaming_split`` iterators must be consumed concurrently (one coordinator feeds
+      both), so each goes to its own actor; ``num_cpus=0`` so they do not take the 2 CPUs
+      from the map tasks.
+    """
+    import ray
+    import ray.data
+
+    if __name__ != "__main__":  # imported as a module: ship our UDF / actor code by value
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ds = ray.data.read_webdataset(str(shard_dir), decoder=None, file_extensions=["tar"])
+    ds = ds.map_batches(ray_decode_crop_mix, batch_size=batch_size, batch_format="numpy",
+                        fn_kwargs={"size": size, "num_classes": num_classes})
+    splits = ds.streaming_split(NUM_CONSUMERS, equal=False)
+    actor_cls = _ray_consumer_class()
+    actors = [actor_cls.remote() for _ in range(NUM_CONSUMERS)]
+    results = ray.get([a.consume.remote(it, epochs, batch_size) for a, it in zip(actors, splits)])
+    for c, r in zip(consumers, results):
+        c.samples, c.batches, c.checksum = r["samples"], r["batches"], r["checksum"]
+        c.first_batch_at, c.keys = r["first_batch_at"], r["keys"]
+    for a in actors:
+        ray.kill(a)
+    return sum(r["samples"] for r in results)
+
+
+# --------------------------------------------------------------------------------------
+# Harness
+# --------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    variant: str
+    status: str = "ok"  # ok | skipped | failed
+    samples: int = 0
+    seconds: float = 0.0
+    first_batch_s: float | None = None
+    per_consumer: list[int] | None = None
+    note: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.samples / self.seconds if self.status == "ok" and self.seconds > 0 else 0.0
+
+
+def _init_ray() -> bool:
+    """``ray.init(num_cpus=2, include_dashboard=False)`` unless already up; True if we started it."""
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    if hasattr(ctx, "print_on_execution_start"):
+        ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    if ray.is_initialized():
+        return False
+    t0 = time.perf_counter()
+    ray.init(num_cpus=CPUS, include_dashboard=False, logging_level=logging.WARNING)
+    print(f"ray.init: {time.perf_counter() - t0:.1f}s (not counted in any variant)")
+    return True
+
+
+def _check_keys(result: Result, consumers: list[Consumer], expected_keys: set[str], epochs: int) -> None:
+    seen = Counter(k for c in consumers for k in c.keys)
+    missing = len(expected_keys - seen.keys())
+    extra = len(seen.keys() - expected_keys)
+    wrong = sum(1 for k, n in seen.items() if k in expected_keys and n != epochs)
+    if missing or extra or wrong:
+        result.note = f"keys: {missing} missing, {extra} unknown, {wrong} not seen {epochs}x"
+
+
+def run_variant(name: str, fn: Callable[..., int] | None, shard_dir: Path, args, num_classes: int,
+                expected_keys: set[str]) -> Result:
+    result = Result(name)
+    consumers = [Consumer() for _ in range(NUM_CONSUMERS)]
+    t_wall = time.time()
+    t0 = time.perf_counter()
+    try:
+        if name == "a":
+            result.samples = sum(int(run_mixflow(str(shard_dir), args.batch_size, args.size, num_classes))
+                                 for _ in range(args.epochs))
+        else:
+            result.samples = fn(shard_dir, args.batch_size, args.size, num_classes, args.epochs, consumers)
+    except (NotImplementedError, ImportError) as exc:
+        result.status, result.note = "skipped", f"{type(exc).__name__}: {exc}"
+        print(f"({name}) skipped: {exc}")
+        return result
+    except Exception as exc:  # noqa: BLE001 - report and keep benchmarking the others
+        traceback.print_exc()
+        result.status, result.note = "failed", f"{type(exc).__name__}: {exc}"
+        print(f"({name}) FAILED: {exc}")
+        return result
+    result.seconds = time.perf_counter() - t0
+    firsts = [c.first_batch_at for c in consumers if c.first_batch_at is not None]
+    if firsts:
+        result.first_batch_s = min(firsts) - t_wall
+    if name != "a":
+        result.per_consumer = [c.samples for c in consumers]
+        _check_keys(result, consumers, expected_keys, args.epochs)
+    print(f"({name}) {VARIANTS[name]}: {result.samples} samples in {result.seconds:.2f}s")
+    return result
+
+
+def print_table(results: dict[str, Result], expected: int) -> None:
+    base = results.get("b")
+    base_rate = base.rate if base else 0.0
+    header = ["variant", "samples", "seconds", "samples/s", "vs (b)", "1st batch s", "per consumer", "note"]
+    rows = []
+    for name in VARIANTS:
+        r = results.get(name)
+        if r is None:
+            continue
+        label = f"({name}) {VARIANTS[name]}"
+        if r.status != "ok":
+            rows.append([label, "-", "-", "-", "-", "-", "-", f"{r.status}: {r.note}"])
+            continue
+        ratio = f"{r.rate / base_rate:.2f}x" if base_rate else "-"
+        per = "/".join(str(n) for n in r.per_consumer) if r.per_consumer else "-"
+        first = f"{r.first_batch_s:.2f}" if r.first_batch_s is not None else "-"
+        rows.append([label, str(r.samples), f"{r.seconds:.2f}", f"{r.rate:.1f}", ratio, first, per, r.note])
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"image pipeline: {expected} samples expected per variant")
+        for i, h in enumerate(header):
+            table.add_column(h, justify="right" if 0 < i < 6 else "left")
+        for row in rows:
+            table.add_row(*row)
+        Console(width=160).print(table)
+    except ImportError:
+        widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+        for row in [header, *rows]:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+
+
+def check_targets(results: dict[str, Result]) -> None:
+    a = results.get("a")
+    print("targets:")
+    for other, factor in TARGETS:
+        o = results.get(other)
+        label = f"  (a) >= {factor:.2f}x ({other})"
+        if a is None or a.status != "ok":
+            print(f"{label}: SKIP ((a) {'not run' if a is None else a.status})")
+        elif o is None or o.status != "ok":
+            print(f"{label}: SKIP (({other}) {'not run' if o is None else o.status})")
+        else:
+            got = a.rate / o.rate
+            print(f"{label}: {'PASS' if got >= factor else 'MISS'} ({got:.2f}x: "
+                  f"{a.rate:.1f} vs {o.rate:.1f} samples/s)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=1024, help="photos demo set size (default 1024)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--size", type=int, default=224, help="output image side")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--only", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
+    parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "mixflow-bench"),
+                        help="where the shard set lives (<out>/photos-<N>, reused when complete)")
+    args = parser.parse_args(argv)
+    only = [v.strip() for v in args.only.split(",") if v.strip()]
+    bad = [v for v in only if v not in VARIANTS]
+    if bad:
+        parser.error(f"unknown variant(s) {bad}; choose from a,b,c,d")
+
+    from mixflow.data.listing import dataset_keys, list_shards
+
+    shard_dir = prepare_shards(args.out, args.samples)
+    num_classes = num_classes_of(shard_dir)
+    expected_keys = set(dataset_keys(list_shards(shard_dir)))
+    expected = len(expected_keys) * args.epochs
+    print(f"{len(expected_keys)} samples x {args.epochs} epoch(s), batch {args.batch_size}, "
+          f"{args.size}x{args.size}, {num_classes} classes, {NUM_CONSUMERS} consumers, {os.cpu_count()} CPUs")
+
+    fns = {"a": None, "b": run_dali, "c": run_torch, "d": run_ray_data}
+    results: dict[str, Result] = {}
+    ray_ready = started_ray = False
+    t_all = time.perf_counter()
+    try:
+        for name in RUN_ORDER:
+            if name not in only:
+                continue
+            if name in RAY_VARIANTS and not ray_ready:
+                started_ray = _init_ray()  # shut down at the end only if we started it
+                ray_ready = True
+            results[name] = run_variant(name, fns[name], shard_dir, args, num_classes, expected_keys)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+    for name, r in results.items():
+        if r.status == "ok" and r.samples != expected:
+            print(f"WARNING: ({name}) delivered {r.samples} samples, expected {expected}")
+        if r.status == "ok" and r.note:
+            print(f"WARNING: ({name}) {r.note}")
+    print_table(results, expected)
+    check_targets(results)
+    print(f"total benchmark time {time.perf_counter() - t_all:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
