@@ -77,7 +77,6 @@ def test_targets_rows_sum_to_one_and_match_lam(method, mode, smoothing):
     assert float(t.min()) >= off - 1e-7
     # Explicit form: lam*smoothed(y_a) + (1-lam)*smoothed(y_b).
     on = 1.0 - smoothing + off
-    ref = torch.full((b, C), off)
     lam = mb.lam.view(-1, 1)
     onehot_a = F.one_hot(mb.y_a, C).float()
     onehot_b = F.one_hot(mb.y_b, C).float()

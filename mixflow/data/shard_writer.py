@@ -55,6 +55,12 @@ class ShardWriter:
     def write(self, key: str, components: dict[str, bytes]) -> None:
         if not key or "." in key or "/" in key or " " in key:
             raise ValueError(f"sample key {key!r} must be non-empty without '.', '/' or spaces")
+        if not components:
+            raise ValueError(f"sample {key!r} has no components")
+        for ext in components:
+            if not ext or any(c in ext for c in " /\t\n"):
+                raise ValueError(f"sample {key!r}: component extension {ext!r} must be non-empty without "
+                                 "spaces or '/'")
         if key in self._keys:
             raise ValueError(f"duplicate sample key {key!r}")
         self._keys.add(key)
