@@ -59,7 +59,7 @@ class TrainerRank:
 
     def run_epoch(self, epoch: int) -> dict:
         d = self.spec.decode
-        feed = Feed(self.reader, self.device, d.mean, d.std)
+        feed = Feed(self.reader, self.device, d.mean, d.std, to_float=self.model is not None)
         start = time.perf_counter()
         loss_sum, steps, digests = 0.0, 0, []
         training = self.model is not None

@@ -32,14 +32,17 @@ class TorchBatch:
 class Feed:
     """Iterate one epoch of a rank's batches; records the keys delivered and the time spent waiting.
 
-    uint8 ``[B, H, W, C]`` images are converted to float ``[B, C, H, W]`` scaled to [0, 1]
-    and normalised by ``mean``/``std`` here, on the rank's device, so the channels carry
-    a quarter of the bytes.
+    With ``to_float`` (default) uint8 ``[B, H, W, C]`` images are converted to float
+    ``[B, C, H, W]`` scaled to [0, 1] and normalised by ``mean``/``std`` here, on the
+    rank's device, so the channels carry a quarter of the bytes. ``to_float=False``
+    hands over the delivered tensor as it is.
     """
 
     def __init__(self, source: BatchSource, device: str | torch.device = "cpu",
-                 mean: tuple[float, ...] = (0.485, 0.456, 0.406), std: tuple[float, ...] = (0.229, 0.224, 0.225)):
+                 mean: tuple[float, ...] = (0.485, 0.456, 0.406), std: tuple[float, ...] = (0.229, 0.224, 0.225),
+                 to_float: bool = True):
         self.source = source
+        self.to_float = to_float
         self.device = torch.device(device)
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
@@ -51,7 +54,7 @@ class Feed:
         with warnings.catch_warnings():  # object-store arrays are read-only; we never write into them
             warnings.simplefilter("ignore", UserWarning)
             x = torch.from_numpy(batch["x"]).to(self.device, non_blocking=True)
-        if x.dtype == torch.uint8:
+        if self.to_float and x.dtype == torch.uint8:
             x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std)
         as_t = lambda k: torch.from_numpy(np.asarray(batch[k])).to(self.device)  # noqa: E731
         return TorchBatch(x.contiguous(), as_t("targets"), as_t("y_a"), as_t("y_b"), as_t("lam"),
