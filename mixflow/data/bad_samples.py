@@ -34,8 +34,10 @@ class BadSamplePolicy:
             raise err
         self.records.append(SkipRecord(err.shard, err.key, err.reason, err.offset, epoch))
 
-    def drain(self) -> list[SkipRecord]:
-        out, self.records = self.records, []
+    def drain(self, epoch: int | None = None) -> list[SkipRecord]:
+        """Take out the records (of one ``epoch`` when given)."""
+        out = [r for r in self.records if epoch is None or r.epoch == epoch]
+        self.records = [r for r in self.records if not (epoch is None or r.epoch == epoch)]
         return out
 
 

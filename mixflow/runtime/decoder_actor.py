@@ -25,8 +25,9 @@ class DecoderActor:
     def next_batch(self) -> dict | None:
         return self.stage.next_batch()
 
-    def skipped(self) -> list:
-        return self.stage.policy.drain()
+    def skipped(self, epoch: int) -> list:
+        """Quarantine records of ``epoch`` (taken out; later epochs' records stay)."""
+        return self.stage.policy.drain(epoch)
 
     def state_dict(self) -> dict:
         return self.stage.state_dict()

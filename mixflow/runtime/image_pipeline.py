@@ -2,8 +2,9 @@
 
 Each trainer rank owns ``readers_per_rank`` decoder actors (disjoint shards, reassigned
 each epoch), one mixer actor and one credit-based channel, so a slow rank only slows
-its own producers. The driver starts each epoch, shows progress, and checks the
-delivery ledger when the epoch ends.
+its own producers. Mixers produce straight through all epochs; the driver walks the
+trainer ranks epoch by epoch, shows progress, and checks the delivery ledger at the
+end of each epoch.
 """
 
 from __future__ import annotations
@@ -87,24 +88,21 @@ class ImagePipeline:
             ray.kill(actor)
         self.trainers, self.mixers, self.decoders, self.channels = [], [], [], []
 
-    def _run_epoch(self, epoch: int, progress: PipelineProgress) -> tuple[list, list]:
-        ray.get([d.start_epoch.remote(epoch) for d in self.decoders])
-        mixer_refs = {m.run_epoch.remote(epoch): f"mixer r{r}" for r, m in enumerate(self.mixers)}
-        trainer_refs = {t.run_epoch.remote(epoch): f"trainer r{r}" for r, t in enumerate(self.trainers)}
-        waiting = dict(mixer_refs) | dict(trainer_refs)
+    def _wait(self, refs: dict, progress: PipelineProgress, until_done: set) -> dict:
+        """Wait for the refs in ``until_done``; any ref in ``refs`` that fails stops the pipeline."""
         results: dict = {}
-        while waiting:
-            ready, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=POLL_S)
+        while until_done - results.keys():
+            open_refs = [r for r in refs if r not in results]
+            ready, _ = ray.wait(open_refs, num_returns=1, timeout=POLL_S)
             for ref in ready:
-                stage = waiting.pop(ref)
                 try:
                     results[ref] = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - re-raised with the stage named
-                    raise PipelineError(f"{stage} failed in epoch {epoch}: {exc}") from exc
+                    raise PipelineError(f"{refs[ref]} failed: {exc}") from exc
             stats = ray.get([ch.stats.remote() for ch in self.channels])
             prog = ray.get([t.progress.remote() for t in self.trainers])
             progress.update(sum(p["samples"] for p in prog), stats, [p["loss"] for p in prog])
-        return [results[r] for r in trainer_refs], [results[r] for r in mixer_refs]
+        return results
 
     def run(self) -> RunSummary:
         spec = self.spec
@@ -123,9 +121,13 @@ class ImagePipeline:
             start = time.perf_counter()
             total = len(expected) * spec.trainer.epochs
             with PipelineProgress(total, self.show_progress, self.console) as progress:
+                producers = {m.run.remote(0, spec.trainer.epochs): f"mixer r{r}" for r, m in enumerate(self.mixers)}
                 for epoch in range(spec.trainer.epochs):
-                    trainer_results, _ = self._run_epoch(epoch, progress)
-                    epoch_skips = [rec for d in self.decoders for rec in ray.get(d.skipped.remote())]
+                    consumers = {t.run_epoch.remote(epoch): f"trainer r{r} (epoch {epoch})"
+                                 for r, t in enumerate(self.trainers)}
+                    results = self._wait(producers | consumers, progress, set(consumers))
+                    trainer_results = [results[r] for r in consumers]
+                    epoch_skips = [rec for d in self.decoders for rec in ray.get(d.skipped.remote(epoch))]
                     skipped += epoch_skips
                     for res in trainer_results:
                         self.digests.setdefault(res["rank"], []).extend(res["digests"])
@@ -139,6 +141,7 @@ class ImagePipeline:
                     ledgers.append(check_epoch(epoch, expected, {r["rank"]: r["keys"] for r in trainer_results},
                                                [s.key for s in epoch_skips if s.key is not None]))
             wall_s = time.perf_counter() - start
+            ray.get(list(producers))
             peaks = ray.get([ch.stats.remote() for ch in self.channels])
         except BaseException as exc:
             self._stop(f"pipeline stopping: {exc}")
