@@ -80,6 +80,13 @@ class DecodeStage:
         return DaliImageDecoder(s.size, self.batch_size, self.device, s.threads, s.antialias, s.normalize,
                                 s.mean, s.std)
 
+    def warm_up(self) -> None:
+        """Decode the first batch once and rewind, so DALI's first-run allocations happen at start-up."""
+        state = self.state_dict()
+        self.next_batch()
+        self.policy.drain()
+        self.load_state_dict(state)
+
     def start_epoch(self, epoch: int) -> None:
         self.source.set_epoch(epoch)
         self.batch_index = 0

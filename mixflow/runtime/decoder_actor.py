@@ -16,6 +16,7 @@ class DecoderActor:
         self.stage = DecodeStage(shards, reader, num_readers, spec.decode, spec.trainer.batch_size,
                                  spec.data.num_classes, spec.seed, spec.data.shuffle_window, spec.on_error,
                                  device)
+        self.stage.warm_up()
 
     def start_epoch(self, epoch: int) -> int:
         """Position the reader at the start of ``epoch``; returns its sample count."""
