@@ -7,11 +7,11 @@ delivers ``--epochs`` epochs (every sample once per epoch) of ``--size`` x ``--s
 RandomResizedCrop + flip images to TWO consumers, which only touch the data (one
 byte per batch) and do no training:
 
-  (a) mixflow end to end, through :func:`run_mixflow` (a thin adapter, filled in
-      by whoever builds ``mixflow.runtime``; until then it is reported as skipped).
-  (b) the same DALI ROI-decode pipeline alone: mixflow's ``WebDatasetSource`` (one
-      reader), ``random_resized_crop_windows`` and ``DaliImageDecoder`` on CPU, no
-      Ray and no mixing; batches alternate between the two consumers. The ceiling.
+  (a) mixflow end to end (:func:`run_mixflow`): decoder, mixer and trainer-rank actors,
+      MixUp/CutMix, credit-based channels; timed over its streaming phase.
+  (b) the same DALI ROI-decode pipeline alone: mixflow's ``DecodeStage`` (one reader:
+      source, sample checks, crop windows, ``DaliImageDecoder`` on CPU), no Ray and no
+      mixing; batches alternate between the two consumers. The ceiling.
   (c) torch ``DataLoader`` (2 workers) over a map-style dataset that ``pread``s the
       bytes through the tar index, PIL decode + RandomResizedCrop + flip, and a
       timm-style ``FastCollateMixup`` collate (written here, modelled on timm).
@@ -285,39 +285,26 @@ def num_classes_of(shard_dir: Path) -> int:
 
 def run_dali(shard_dir: Path, batch_size: int, size: int, num_classes: int, epochs: int,
              consumers: list[Consumer]) -> int:
-    """mixflow's source + crop windows + DALI CPU decoder, one process, no Ray, no mixing.
-
-    Batches alternate between the consumers (batch ``k`` goes to consumer ``k % 2``).
+    """mixflow's decode stage (source + checks + crop windows + DALI CPU decoder), one process,
+    one reader, no Ray, no mixing. Batches alternate between the consumers (batch ``k`` to ``k % 2``).
     """
-    from mixflow.data.jpeg_header import jpeg_info
+    from mixflow.config import DecodeSpec
     from mixflow.data.listing import list_shards
-    from mixflow.data.webdataset_source import WebDatasetSource
-    from mixflow.decode.crop_windows import random_resized_crop_windows
-    from mixflow.decode.dali_image_decoder import DaliImageDecoder
+    from mixflow.decode.decode_stage import DecodeStage
 
-    source = WebDatasetSource(list_shards(shard_dir), reader=0, num_readers=1, seed=0)
-    decoder = DaliImageDecoder(size=(size, size), max_batch=batch_size, device="cpu", threads=CPUS)
-    rng = np.random.default_rng(0)
+    spec = DecodeSpec(device="cpu", size=(size, size), scale=SCALE, ratio=RATIO, threads=CPUS)
+    stage = DecodeStage(list_shards(shard_dir), reader=0, num_readers=1, spec=spec, batch_size=batch_size,
+                        num_classes=num_classes)
     step = delivered = 0
     try:
         for epoch in range(epochs):
-            source.set_epoch(epoch)
-            while source.remaining:
-                samples = [source.read(s, r) for s, r in source.take(batch_size)]
-                jpgs = [s.components["jpg"] for s in samples]
-                infos = [jpeg_info(b) for b in jpgs]
-                labels = np.array([int(s.components["cls"]) for s in samples], np.int64)
-                anchors, shapes = random_resized_crop_windows(
-                    np.array([i.height for i in infos]), np.array([i.width for i in infos]), SCALE, RATIO, rng)
-                flips = rng.random(len(samples)) < 0.5
-                images = decoder.decode([np.frombuffer(b, np.uint8) for b in jpgs], anchors, shapes, flips)
-                if labels.size and labels.max() >= num_classes:
-                    raise ValueError(f"label {labels.max()} outside 0..{num_classes - 1}")
-                consumers[step % NUM_CONSUMERS].consume(images, [s.key for s in samples])
-                delivered += len(images)
+            stage.start_epoch(epoch)
+            while (batch := stage.next_batch()) is not None:
+                consumers[step % NUM_CONSUMERS].consume(batch["images"], batch["keys"])
+                delivered += len(batch["keys"])
                 step += 1
     finally:
-        source.close()
+        stage.source.close()
     return delivered
 
 

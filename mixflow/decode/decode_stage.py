@@ -110,21 +110,19 @@ class DecodeStage:
 
     def next_batch(self) -> dict | None:
         """The next decoded batch of this epoch, or ``None`` when the epoch is done."""
-        samples = self._collect()
-        if not samples:
-            return None
-        rng = numpy_rng(self.seed, self.source.epoch, "crop", self.reader, self.batch_index)
-        anchors, shapes = random_resized_crop_windows(
-            np.array([s.height for s in samples]), np.array([s.width for s in samples]),
-            self.spec.scale, self.spec.ratio, rng)
-        flips = (rng.random(len(samples)) < self.spec.flip_prob).astype(np.int32)
-        images, samples = self._decode(samples, anchors, shapes, flips)
-        self.batch_index += 1
-        if not samples:
-            return self.next_batch()
-        return {"keys": [s.key for s in samples], "labels": np.array([s.label for s in samples], np.int64),
-                "images": images, "epoch": self.source.epoch, "reader": self.reader,
-                "index": self.batch_index - 1}
+        while samples := self._collect():
+            rng = numpy_rng(self.seed, self.source.epoch, "crop", self.reader, self.batch_index)
+            anchors, shapes = random_resized_crop_windows(
+                np.array([s.height for s in samples]), np.array([s.width for s in samples]),
+                self.spec.scale, self.spec.ratio, rng)
+            flips = (rng.random(len(samples)) < self.spec.flip_prob).astype(np.int32)
+            images, samples = self._decode(samples, anchors, shapes, flips)
+            self.batch_index += 1
+            if samples:  # else DALI rejected every sample (each recorded): try the next batch
+                return {"keys": [s.key for s in samples], "labels": np.array([s.label for s in samples], np.int64),
+                        "images": images, "epoch": self.source.epoch, "reader": self.reader,
+                        "index": self.batch_index - 1}
+        return None
 
     def _decode(self, samples, anchors, shapes, flips):
         try:

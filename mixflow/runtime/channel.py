@@ -30,6 +30,7 @@ class Channel:
         self.max_bytes = max_bytes
         self._queue: deque[tuple[str, Any, int]] = deque()
         self._bytes = 0
+        self._items = 0  # batches queued (end markers excluded)
         self._pending = 0  # bytes of batches whose producer is waiting for credit
         self._cond = asyncio.Condition()
         self._error: str | None = None
@@ -37,10 +38,9 @@ class Channel:
                        "max_batch_bytes": 0, "put_wait_s": 0.0, "get_wait_s": 0.0}
 
     def _has_credit(self, nbytes: int) -> bool:
-        items = sum(1 for kind, _, _ in self._queue if kind == BATCH)
-        if items == 0:
+        if self._items == 0:
             return True
-        return items < self.max_items and self._bytes + nbytes <= self.max_bytes
+        return self._items < self.max_items and self._bytes + nbytes <= self.max_bytes
 
     def _check(self) -> None:
         if self._error is not None:
@@ -57,9 +57,10 @@ class Channel:
             self._check()
             self._queue.append((BATCH, refs, nbytes))
             self._bytes += nbytes
+            self._items += 1
             s = self._stats
             s["puts"] += 1
-            s["peak_items"] = max(s["peak_items"], sum(1 for k, _, _ in self._queue if k == BATCH))
+            s["peak_items"] = max(s["peak_items"], self._items)
             s["peak_bytes"] = max(s["peak_bytes"], self._bytes)
             s["max_batch_bytes"] = max(s["max_batch_bytes"], nbytes)
             s["put_wait_s"] += time.perf_counter() - start
@@ -80,6 +81,7 @@ class Channel:
             kind, payload, nbytes = self._queue.popleft()
             self._bytes -= nbytes
             if kind == BATCH:
+                self._items -= 1
                 self._stats["gets"] += 1
             self._stats["get_wait_s"] += time.perf_counter() - start
             self._cond.notify_all()
@@ -92,8 +94,7 @@ class Channel:
             self._cond.notify_all()
 
     def stats(self) -> dict:
-        items = sum(1 for kind, _, _ in self._queue if kind == BATCH)
-        return {**self._stats, "items": items, "bytes": self._bytes, "max_items": self.max_items,
+        return {**self._stats, "items": self._items, "bytes": self._bytes, "max_items": self.max_items,
                 "max_bytes": self.max_bytes}
 
 

@@ -10,6 +10,7 @@ end of each epoch.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import ray
 from rich.console import Console
@@ -34,8 +35,6 @@ POLL_S = 0.5
 
 def prepare_shards(spec: PipelineSpec, console: Console | None = None) -> list[ShardInfo]:
     """List the spec's shards, building the demo set first if asked and absent."""
-    from pathlib import Path
-
     shard_dir = Path(spec.data.shards)
     if spec.data.demo and not any(shard_dir.glob("*.tar")):
         if console:
@@ -64,7 +63,7 @@ class ImagePipeline:
         spec, ranks, k = self.spec, self.spec.trainer.ranks, self.spec.runtime.readers_per_rank
         spec_json = spec.model_dump_json()
         gpu = {"num_gpus": 0.1} if device == "gpu" else {}
-        self.channels = [Channel.options(name=None).remote(f"r{r}", spec.channel.max_items, spec.channel.max_bytes)
+        self.channels = [Channel.remote(f"r{r}", spec.channel.max_items, spec.channel.max_bytes)
                          for r in range(ranks)]
         self.decoders = [DecoderActor.options(scheduling_strategy="SPREAD", **gpu).remote(
             spec_json, shards, reader, ranks * k, device) for reader in range(ranks * k)]
