@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -25,6 +26,11 @@ class MixedBatch:
     num_classes: int
     label_smoothing: float = 0.0
     method: str = "none"
+    seg: torch.Tensor | None = None
+    """Segmentation masks mixed with the same box / mask as ``x`` (when the method was given some)."""
+    plan: Any = None
+    """For methods whose label needs the model (TransMix, SMMix, MixPro attention labels, manifold
+    mixup): what the trainer-side helper needs to finish the label."""
 
     @property
     def targets(self) -> torch.Tensor:
