@@ -39,18 +39,21 @@ def test_merge_eval_is_mean_over_ranks():
     assert m.train_loss is None
 
 
-def test_merger_waits_for_every_rank_and_rejects_duplicates():
+def test_merger_waits_for_every_rank_and_ignores_retried_reports():
     merger = FeedbackMerger(2)
     fb = Feedback(0, 0, train_loss=np.array([1.0]), tokens=np.array([1]))
     assert merger.add(0, "train", fb) is None
     assert merger.pending == 1
-    with pytest.raises(ValueError, match="rank 0 reported train for version 0 step 0 twice"):
-        merger.add(0, "train", fb)
+    assert merger.add(0, "train", fb) is None  # a retried call: ignored, counted
+    assert merger.duplicates == 1
     # a different kind of the same step is its own report
     assert merger.add(1, "eval", Feedback(0, 0, eval_loss=np.array([2.0]))) is None
     merged = merger.add(1, "train", Feedback(0, 0, train_loss=np.array([3.0]), tokens=np.array([1])))
     assert merged.train_loss[0] == pytest.approx(2.0)
     assert merger.pending == 1
+    # a retry arriving after the step was merged does not reopen it
+    assert merger.add(1, "train", Feedback(0, 0, train_loss=np.array([3.0]), tokens=np.array([1]))) is None
+    assert merger.pending == 1 and merger.duplicates == 2
     with pytest.raises(ValueError, match="rank 2 outside world of 2"):
         merger.add(2, "train", fb)
 

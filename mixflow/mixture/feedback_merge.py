@@ -66,26 +66,39 @@ def merge_reports(reports: list[Feedback]) -> Feedback:
 
 
 class FeedbackMerger:
-    """Collects per-rank reports; returns the merged report when the last rank's arrives."""
+    """Collects per-rank reports; returns the merged report when the last rank's arrives.
 
-    def __init__(self, world_size: int):
+    A report sent again (a retried call after an actor restart) is ignored and counted
+    in ``duplicates``, also after its step was merged (the last ``remember`` merged
+    steps are kept), so retries never feed a policy twice.
+    """
+
+    def __init__(self, world_size: int, remember: int = 4096):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
         self.world_size = world_size
+        self.remember = remember
+        self.duplicates = 0
         self._open: dict[tuple[str, int, int], dict[int, Feedback]] = {}
+        self._done: dict[tuple[str, int, int], None] = {}  # insertion-ordered set
 
     def add(self, rank: int, kind: str, feedback: Feedback) -> Feedback | None:
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} outside world of {self.world_size}")
         key = (kind, feedback.version, feedback.step)
         got = self._open.setdefault(key, {})
-        if rank in got:
-            raise ValueError(f"rank {rank} reported {kind} for version {feedback.version} "
-                             f"step {feedback.step} twice")
+        if key in self._done or rank in got:
+            self.duplicates += 1
+            if not got:
+                del self._open[key]
+            return None
         got[rank] = feedback
         if len(got) < self.world_size:
             return None
         del self._open[key]
+        self._done[key] = None
+        if len(self._done) > self.remember:
+            del self._done[next(iter(self._done))]
         return merge_reports([got[r] for r in sorted(got)])
 
     @property
@@ -93,12 +106,15 @@ class FeedbackMerger:
         return len(self._open)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"world_size": self.world_size,
+        return {"world_size": self.world_size, "duplicates": self.duplicates,
+                "done": [list(k) for k in self._done],
                 "open": [[list(key), {str(r): _fb_state(fb) for r, fb in got.items()}]
                          for key, got in self._open.items()]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.world_size = state["world_size"]
+        self.duplicates = state["duplicates"]
+        self._done = {tuple(k): None for k in state["done"]}
         self._open = {tuple(key): {int(r): _fb_load(fb) for r, fb in got.items()} for key, got in state["open"]}
 
 
