@@ -143,6 +143,7 @@ class TrainerSpec(_Strict):
 
 
 class PipelineSpec(_Strict):
+    kind: Literal["image"] = "image"
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     seed: int = Field(0, ge=0)
     run_dir: str | None = Field(None, description="Defaults to runs/<name>.")
@@ -192,18 +193,24 @@ def _resolve_model(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseMod
     return current if isinstance(current, type) and issubclass(current, BaseModel) else None
 
 
-def validate_spec(raw: dict[str, Any], source: str | None = None) -> PipelineSpec:
-    """Validate a raw mapping into a :class:`PipelineSpec` or raise :class:`ConfigError`."""
+def validate_spec(raw: dict[str, Any], source: str | None = None) -> "PipelineSpec | TokenPipelineSpec":
+    """Validate a raw mapping into a :class:`PipelineSpec` (``kind: image``, the default) or a
+    :class:`TokenPipelineSpec` (``kind: tokens``), or raise :class:`ConfigError`."""
     if not isinstance(raw, dict):
         raise ConfigError([("<root>", f"expected a mapping, got {type(raw).__name__}")], source)
+    kinds = {"image": PipelineSpec, "tokens": TokenPipelineSpec}
+    kind = raw.get("kind", "image")
+    if kind not in kinds:
+        raise ConfigError([("kind", f"unknown pipeline kind {kind!r}; allowed: {', '.join(kinds)}")], source)
+    model = kinds[kind]
     try:
-        return PipelineSpec.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as exc:
-        problems = [(_field_path(e["loc"]), _explain(e, PipelineSpec)) for e in exc.errors()]
+        problems = [(_field_path(e["loc"]), _explain(e, model)) for e in exc.errors()]
         raise ConfigError(problems, source) from None
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> PipelineSpec:
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> "PipelineSpec | TokenPipelineSpec":
     """Load a YAML spec; ``overrides`` are ``dotted.path=value`` strings (value parsed as YAML)."""
     path = Path(path)
     if not path.is_file():
@@ -229,3 +236,62 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError([(key, f"{part} is not a section")])
     node[parts[-1]] = yaml.safe_load(value)
+
+
+# --- token pipelines (``kind: tokens``): online data-mixture reweighting -----------------
+
+
+class TokenDataSpec(_Strict):
+    shards: str = Field(description="Directory with one sub-directory of Parquet token shards per domain.")
+    machine_domains: list[str] | None = Field(
+        None, description="Build these real text domains from files on this machine when `shards` is empty.")
+    max_bytes_per_domain: Annotated[int, Field(gt=0)] = Field(2 * 2**20, description="Cap per built domain.")
+    val_fraction: float = Field(0.1, gt=0, lt=0.5, description="Documents held out per domain (built domains).")
+    seq_len: int = Field(128, ge=8, description="Tokens per training sequence (inputs; targets shift by one).")
+    eval_sequences: int = Field(32, ge=2, description="Held-out sequences per domain: half validation, half test.")
+
+    _parse_size = field_validator("max_bytes_per_domain", mode="before")(lambda v: parse_bytes(v))
+
+
+class MixtureSpec(_Strict):
+    policy: str = Field("stratified", description="A name from mixflow.mixture.registry.POLICIES.")
+    params: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the policy.")
+    floor: float = Field(0.0, ge=0.0, lt=1.0, description="Every domain keeps at least this proportion.")
+
+    @model_validator(mode="after")
+    def _policy_builds(self) -> "MixtureSpec":
+        from mixflow.mixture.registry import POLICIES, check_policy_params
+
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; allowed: {', '.join(sorted(POLICIES))}")
+        check_policy_params(self.policy, self.params)
+        return self
+
+
+class LMTrainerSpec(_Strict):
+    ranks: int = Field(2, ge=1)
+    steps: int = Field(300, ge=1, description="Training steps per rank (the token budget is steps x batch x seq_len x ranks).")
+    batch_size: int = Field(16, ge=1, description="Sequences per rank per step.")
+    d_model: int = Field(128, ge=8)
+    layers: int = Field(2, ge=1)
+    heads: int = Field(4, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    eval_every: int = Field(50, ge=0, description="Test-split evaluation every N steps on rank 0 (0: only at the end).")
+    throttle: dict[int, float] = Field(default_factory=dict, description="Seconds of sleep per step by rank.")
+
+
+class TokenPipelineSpec(_Strict):
+    kind: Literal["tokens"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(0, ge=0)
+    run_dir: str | None = Field(None, description="Defaults to runs/<name>.")
+    on_error: Literal["raise", "skip"] = "raise"
+    data: TokenDataSpec
+    mixture: MixtureSpec = MixtureSpec()
+    channel: ChannelSpec = ChannelSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
+    trainer: LMTrainerSpec = LMTrainerSpec()
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
