@@ -287,7 +287,7 @@ class TokenPipelineSpec(_Strict):
     run_dir: str | None = Field(None, description="Defaults to runs/<name>.")
     on_error: Literal["raise", "skip"] = "raise"
     data: TokenDataSpec
-    mixture: MixtureSpec = MixtureSpec()
+    mixture: MixtureSpec = Field(default_factory=MixtureSpec)
     channel: ChannelSpec = ChannelSpec()
     runtime: RuntimeSpec = RuntimeSpec()
     trainer: LMTrainerSpec = LMTrainerSpec()
