@@ -8,6 +8,7 @@ import sys
 from rich.console import Console
 
 from mixflow.config import parse_bytes
+from mixflow.data.text_domains import MACHINE_DOMAINS
 from mixflow.errors import MixflowError
 
 
@@ -22,10 +23,38 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     return 0 if summary.exactly_once else 3
 
 
+def _cmd_token_shards(args: argparse.Namespace, console: Console) -> int:
+    from mixflow.data.text_domains import machine_documents
+    from mixflow.data.token_shard_writer import read_text_inputs, write_domain_splits
+
+    sources: dict[str, list] = {}
+    if args.text_domains:
+        names = MACHINE_DOMAINS if "machine" in args.text_domains else dict.fromkeys(args.text_domains)
+        for name in names:
+            sources[name] = machine_documents(name, max_bytes=parse_bytes(args.domain_bytes))
+    for name, path in args.text or []:
+        sources.setdefault(name, []).extend(read_text_inputs(path, text_field=args.jsonl_field))
+    size = parse_bytes(args.shard_size) if args.shard_size else 32 * 2**20
+    for name, docs in sources.items():
+        for split, manifest in write_domain_splits(docs, args.out, name, args.val_fraction, max_bytes=size).items():
+            console.print(f"{name}/{split}: {manifest.num_docs} documents, {manifest.num_tokens} tokens in "
+                          f"{len(manifest.shards)} Parquet shards (+ manifest.json) in {args.out}/{name}/{split}")
+    return 0
+
+
+def _name_path(value: str) -> tuple[str, str]:
+    name, sep, path = value.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH_OR_GLOB, got {value!r}")
+    return name, path
+
+
 def _cmd_shards(args: argparse.Namespace, console: Console) -> int:
     from mixflow.data.demo_sets import build_demo
     from mixflow.data.image_folder import shards_from_folder
 
+    if args.text_domains or args.text:
+        return _cmd_token_shards(args, console)
     size = parse_bytes(args.shard_size) if args.shard_size else None
     if args.demo:
         kwargs = {"num_samples": args.num_samples} if args.demo == "photos" and args.num_samples else {}
@@ -45,14 +74,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="override a spec field, e.g. --set trainer.epochs=1 (repeatable)")
     run.add_argument("--no-progress", action="store_true", help="no live progress display")
     run.set_defaults(func=_cmd_run)
-    shards = sub.add_parser("shards", help="write WebDataset tar shards with DALI index files")
+    shards = sub.add_parser("shards", help="write WebDataset tar shards with DALI index files (images) "
+                                           "or Parquet token shards (text)")
     source = shards.add_mutually_exclusive_group(required=True)
     source.add_argument("--from-folder", metavar="DIR", help="image folder, one sub-folder per class")
     source.add_argument("--demo", choices=["digits", "photos"], help="build a demo set from bundled photos/digits")
+    source.add_argument("--text-domains", nargs="+", choices=["machine", *MACHINE_DOMAINS],
+                        help="token shards of real text domains from files on this machine ('machine': all)")
+    source.add_argument("--text", nargs="+", type=_name_path, metavar="NAME=PATH_OR_GLOB",
+                        help="token shards of domain NAME from text files, a directory, a glob or *.jsonl")
     shards.add_argument("--out", required=True, help="output directory")
     shards.add_argument("--shard-size", help="target shard size, e.g. 64MiB")
     shards.add_argument("--prefix", default="train", help="shard file name prefix (--from-folder)")
     shards.add_argument("--num-samples", type=int, help="samples in the photos demo (default 1024)")
+    shards.add_argument("--jsonl-field", default="text", help="text field of *.jsonl inputs (--text)")
+    shards.add_argument("--domain-bytes", default="4MiB", help="text cap per machine domain (--text-domains)")
+    shards.add_argument("--val-fraction", type=float, default=0.1,
+                        help="documents held out per text domain as validation (0: none)")
     shards.set_defaults(func=_cmd_shards)
     return parser
 
