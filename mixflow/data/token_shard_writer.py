@@ -120,7 +120,7 @@ class TokenShardWriter:
         self.tokenizer = tok
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
-        name = tokenizer_name or getattr(tok, "name", None) or getattr(tok, "__qualname__", type(tok).__name__)
+        name = tokenizer_name or getattr(tok, "name", None) or getattr(tok, "__name__", type(tok).__name__)
         self.manifest = TokenManifest(domain, split, str(name), int(vocab_size), int(eos_id), int(pad_id))
         self.max_bytes = max_bytes
         self.max_docs = max_docs
