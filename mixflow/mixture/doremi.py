@@ -1,0 +1,136 @@
+"""DoReMi's online domain reweighting (the proxy-training loop, Algorithm 1).
+
+Xie, Pham, Dong, Du, Liu, Lu, Liang, Le, Ma, Yu, "DoReMi: Optimizing Data Mixtures
+Speeds Up Language Model Pretraining", NeurIPS 2023.
+
+Each report is one step of Group DRO over domains:
+
+1. excess loss per domain ``lambda_d = mean over d's tokens of max(l_theta - l_ref, 0)``;
+2. exponentiated-gradient ascent ``alpha' = alpha * exp(eta * lambda)``, normalised;
+3. smoothing towards uniform ``alpha = (1 - c) * alpha' + c / m``.
+
+Defaults ``eta = 1``, ``c = 1e-3`` (the paper's). The policy publishes the current
+``alpha``; DoReMi's *output* weights (what a final run would train on) are the average
+of all alphas so far, :meth:`DoReMiPolicy.average_weights`.
+
+Where the excess loss comes from (checked in this order):
+
+- ``feedback.extra["token_loss"]`` and ``feedback.extra["ref_token_loss"]``: sequences of
+  m per-token loss arrays (proxy and reference model, same tokens, an empty array or
+  None where domain d had no tokens). This is the paper's exact definition: the clip
+  ``max(., 0)`` applies per token. Per-token arrays travel in ``extra``, which the
+  per-rank feedback merger does not combine, so use them with one reporting rank or
+  when driving the policy directly.
+- otherwise ``feedback.train_loss`` vs ``feedback.ref_loss`` (per-domain means):
+  ``lambda_d = max(train_loss_d - ref_loss_d, 0)``. The clip then applies to the means,
+  which is a lower bound on the per-token form (``max`` of a mean <= mean of ``max``).
+
+A domain with no data in the report (NaN loss or no tokens) gets ``lambda_d = 0``: its
+weight only moves through normalisation, as in the reference implementation where
+absent domains contribute zero excess loss. Reports without losses or reference losses
+(e.g. eval-only reports) do not move the policy. Bad values (NaN where a value is
+required, inf, negative) are rejected with a :class:`FeedbackWarning`.
+
+Feedback tagged with an older mixture version is *used*: the excess loss measures the
+model on each domain at the report's step, whichever mixture produced the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from mixflow.mixture.policy import Feedback, MixturePolicy, clean_losses
+
+
+class DoReMiPolicy(MixturePolicy):
+    """DoReMi domain weights updated from proxy-vs-reference excess losses."""
+
+    name = "doremi"
+
+    def __init__(self, num_domains: int, eta: float = 1.0, smoothing: float = 1e-3,
+                 initial: np.ndarray | None = None, floor: float = 0.0):
+        super().__init__(num_domains, initial, floor)
+        if not (np.isfinite(eta) and eta > 0):
+            raise ValueError(f"eta must be a finite number > 0, got {eta}")
+        if not 0.0 <= smoothing <= 1.0:
+            raise ValueError(f"smoothing must be in [0, 1], got {smoothing}")
+        self.eta = float(eta)
+        self.smoothing = float(smoothing)
+        self.alpha = self.p0.copy()
+        self._alpha_sum = np.zeros(num_domains)
+        self.updates = 0
+
+    def average_weights(self) -> np.ndarray:
+        """DoReMi's output: the mean of the alphas after each update (alpha_0 before any)."""
+        if self.updates == 0:
+            return self.alpha.copy()
+        return self._alpha_sum / self.updates
+
+    def excess_loss(self, feedback: Feedback) -> np.ndarray | None:
+        """``lambda`` for this report, or None when it carries no usable losses."""
+        if "token_loss" in feedback.extra or "ref_token_loss" in feedback.extra:
+            return self._token_excess(feedback)
+        if feedback.train_loss is None or feedback.ref_loss is None:
+            return None
+        loss = clean_losses(feedback.train_loss, "train_loss")
+        ref = clean_losses(feedback.ref_loss, "ref_loss")
+        if loss is None or ref is None:
+            return None
+        for name, values in (("train_loss", loss), ("ref_loss", ref)):
+            if values.shape != (self.m,):
+                raise ValueError(f"feedback.{name} must have shape ({self.m},), got {values.shape}")
+        diff = loss - ref
+        present = ~np.isnan(diff)
+        if not present.any():
+            return None
+        return np.where(present, np.maximum(diff, 0.0), 0.0)
+
+    def _token_excess(self, feedback: Feedback) -> np.ndarray | None:
+        tokens, refs = feedback.extra.get("token_loss"), feedback.extra.get("ref_token_loss")
+        if tokens is None or refs is None:
+            raise ValueError("feedback.extra needs both 'token_loss' and 'ref_token_loss' (or neither)")
+        if len(tokens) != self.m or len(refs) != self.m:
+            raise ValueError(f"feedback.extra['token_loss'] / ['ref_token_loss'] must hold {self.m} "
+                             f"per-domain arrays, got {len(tokens)} and {len(refs)}")
+        lam = np.zeros(self.m)
+        seen = False
+        for d in range(self.m):
+            own = clean_losses(np.ravel([] if tokens[d] is None else tokens[d]), f"token_loss[{d}]",
+                               allow_nan=False)
+            ref = clean_losses(np.ravel([] if refs[d] is None else refs[d]), f"ref_token_loss[{d}]",
+                               allow_nan=False)
+            if own is None or ref is None:
+                return None
+            if own.shape != ref.shape:
+                raise ValueError(f"feedback.extra['token_loss'][{d}] has {own.size} tokens but "
+                                 f"['ref_token_loss'][{d}] has {ref.size}")
+            if own.size:
+                lam[d] = float(np.maximum(own - ref, 0.0).mean())
+                seen = True
+        return lam if seen else None
+
+    def _update(self, feedback: Feedback) -> np.ndarray | None:
+        lam = self.excess_loss(feedback)
+        if lam is None:
+            return None
+        step = self.eta * lam
+        alpha = self.alpha * np.exp(step - step.max())
+        alpha = alpha / alpha.sum()
+        alpha = (1.0 - self.smoothing) * alpha + self.smoothing / self.m
+        self.alpha = alpha
+        self._alpha_sum += alpha
+        self.updates += 1
+        return alpha
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"alpha": self.alpha.tolist(), "alpha_sum": self._alpha_sum.tolist(),
+                "updates": self.updates, "eta": self.eta, "smoothing": self.smoothing}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        self.alpha = np.asarray(state["alpha"], dtype=np.float64)
+        self._alpha_sum = np.asarray(state["alpha_sum"], dtype=np.float64)
+        self.updates = int(state["updates"])
+        self.eta = float(state["eta"])
+        self.smoothing = float(state["smoothing"])
