@@ -352,7 +352,8 @@ def test_cli_writes_token_shards(tmp_path, capsys):
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"body": f"document {i}"}) + "\n" for i in range(10)))
     assert main(["shards", "--text", f"notes={tmp_path / 'in.jsonl'}", "--jsonl-field", "body",
                  "--out", str(tmp_path / "out"), "--val-fraction", "0.2"]) == 0
-    train, val = read_manifest(tmp_path / "out" / "notes" / "train"), read_manifest(tmp_path / "out" / "notes" / "validation")
+    out = tmp_path / "out" / "notes"
+    train, val = read_manifest(out / "train"), read_manifest(out / "validation")
     assert (train.num_docs, val.num_docs) == (8, 2)
     assert train.num_tokens + val.num_tokens == sum(len(f"document {i}") for i in range(10))
     assert main(["shards", "--text-domains", "licenses", "--domain-bytes", "16KiB", "--out", str(tmp_path / "m")]) == 0
