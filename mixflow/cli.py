@@ -14,9 +14,17 @@ from mixflow.errors import MixflowError
 
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     from mixflow.config import load_spec
-    from mixflow.runtime.image_pipeline import ImagePipeline
 
     spec = load_spec(args.spec, args.set)
+    if spec.kind == "tokens":
+        from mixflow.runtime.token_pipeline import TokenPipeline
+
+        summary = TokenPipeline(spec, console, show_progress=not args.no_progress).run()
+        summary.render(console)
+        console.print(f"summary written to {spec.run_path / 'summary.json'}")
+        return 0
+    from mixflow.runtime.image_pipeline import ImagePipeline
+
     summary = ImagePipeline(spec, console, show_progress=not args.no_progress).run()
     summary.render(console)
     console.print(f"summary written to {spec.run_path / 'summary.json'}")

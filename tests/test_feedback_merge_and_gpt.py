@@ -78,6 +78,18 @@ def test_per_sequence_loss_matches_flat_cross_entropy():
         assert per_seq[i].item() == pytest.approx(expect.item(), rel=1e-5)
 
 
+def test_per_sequence_loss_leaves_out_padding():
+    torch.manual_seed(0)
+    model = ByteGPT(ByteGPTConfig(seq_len=8, d_model=16, layers=1, heads=2))
+    tokens = torch.randint(0, 256, (2, 9))
+    tokens[1, 6:] = 257
+    got = per_sequence_loss(model, tokens, pad_id=257)
+    logits = model(tokens[:, :-1])
+    expect = F.cross_entropy(logits[1, :5], tokens[1, 1:6])
+    assert got[1].item() == pytest.approx(expect.item(), rel=1e-5)
+    assert got[0].item() == pytest.approx(per_sequence_loss(model, tokens)[0].item(), rel=1e-6)
+
+
 def test_gpt_is_causal():
     torch.manual_seed(0)
     model = ByteGPT(ByteGPTConfig(seq_len=8, d_model=16, layers=2, heads=2)).eval()

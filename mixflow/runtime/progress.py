@@ -9,13 +9,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 
 class PipelineProgress:
-    def __init__(self, total: int, enabled: bool = True, console: Console | None = None):
+    def __init__(self, total: int, enabled: bool = True, console: Console | None = None, unit: str = "samples"):
         self.enabled = enabled
+        self.unit = unit
         self._start = time.perf_counter()
         self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                   TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
                                   console=console, disable=not enabled, transient=False)
-        self._task = self._progress.add_task("samples", total=total, info="")
+        self._task = self._progress.add_task(unit, total=total, info="")
 
     def __enter__(self) -> "PipelineProgress":
         self._progress.__enter__()
@@ -29,4 +30,4 @@ class PipelineProgress:
         queues = " ".join(f"r{i}:{c['items']}/{c['max_items']}" for i, c in enumerate(channels))
         known = [v for v in losses if v is not None]
         loss = f" | loss {sum(known) / len(known):.3f}" if known else ""
-        self._progress.update(self._task, completed=samples, info=f"{rate:.0f} samples/s | queues {queues}{loss}")
+        self._progress.update(self._task, completed=samples, info=f"{rate:.0f} {self.unit}/s | queues {queues}{loss}")

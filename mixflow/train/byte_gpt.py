@@ -81,11 +81,19 @@ class ByteGPT(nn.Module):
         return self.ln(x) @ self.tok.weight.T
 
 
-def per_sequence_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy of each sequence: ``tokens [B, T+1]`` -> ``[B]``."""
+def per_sequence_loss(model: nn.Module, tokens: torch.Tensor, pad_id: int | None = None) -> torch.Tensor:
+    """Mean next-token cross entropy of each sequence: ``tokens [B, T+1]`` -> ``[B]``.
+
+    Targets equal to ``pad_id`` (the padded tail of an epoch's last sequence) are left out.
+    """
     logits = model(tokens[:, :-1])
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1), reduction="none")
-    return loss.view(tokens.shape[0], -1).mean(dim=1)
+    targets = tokens[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    loss = loss.view(tokens.shape[0], -1)
+    if pad_id is None:
+        return loss.mean(dim=1)
+    keep = (targets != pad_id).to(loss.dtype)
+    return (loss * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
 
 
 def per_domain_mean(values: torch.Tensor, domains: torch.Tensor, num_domains: int) -> torch.Tensor:

@@ -1,0 +1,176 @@
+"""The mixture controller: a Ray actor that holds one policy and publishes versioned mixtures.
+
+Trainer ranks send feedback (``report``); the controller merges the ranks' reports of
+the same ``(kind, version, step)`` (:class:`~mixflow.mixture.feedback_merge.FeedbackMerger`),
+lets the policy observe the merged report, and publishes the policy's new mixture under
+the next version.
+
+The controller is also the step clock that keeps the ranks in agreement: a producer
+asks ``mixture_for_step(step)`` before building its batch of global step ``step``; the
+first rank to ask fixes which version that step uses (the current one, at once — no
+trainer stalls for a policy update), and every other rank gets the same answer, so the
+ranks' batches of one step always share a version and their reports merge. When a
+mixture is limited to ``steps`` batches (Aioli's LearnParams sweeps), the step after
+them waits until the policy has published the next version; the last of them carries
+``eval_after`` (a mixture of ``steps=0`` gives one empty step that only evaluates).
+
+Its state (policy, half-merged reports, trajectory) is written to ``state_path`` after
+every publication, and a restarted controller (Ray ``max_restarts``) reloads it, so the
+policy's state survives the actor's death.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from mixflow.mixture.feedback_merge import FeedbackMerger
+from mixflow.mixture.policy import Feedback, Mixture, MixturePolicy
+
+
+def mixture_message(mix: Mixture) -> dict[str, Any]:
+    return {"version": mix.version, "p": mix.p.tolist(), "steps": mix.steps, "eval_after": mix.eval_after}
+
+
+def feedback_from(message: dict[str, Any]) -> Feedback:
+    arrays = {k: (None if message.get(k) is None else np.asarray(message[k], dtype=np.float64))
+              for k in ("train_loss", "tokens", "counts", "eval_loss", "grad_dot_val", "ref_loss")}
+    return Feedback(version=int(message["version"]), step=int(message["step"]), extra=message.get("extra", {}),
+                    **arrays)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class MixtureController:
+    def __init__(self, policy_name: str, policy_params: dict, num_domains: int, world_size: int,
+                 state_path: str | None = None):
+        from mixflow.mixture.registry import build_policy
+
+        self.policy: MixturePolicy = build_policy(policy_name, num_domains, **policy_params)
+        self.merger = FeedbackMerger(world_size)
+        self.state_path = Path(state_path) if state_path else None
+        self.trajectory: list[dict[str, Any]] = []
+        self.latencies_ms: list[float] = []
+        self.stale_reports = 0
+        self.restored = False
+        self.merged_log: list[dict[str, Any]] = []  # every merged report: kind, version, step, counts
+        self._changed = asyncio.Condition()
+        self._assigned: dict[int, dict[str, Any]] = {}  # step -> mixture message, until every rank asked
+        self._asked: dict[int, int] = {}
+        self._used: dict[int, int] = {}  # version -> steps assigned to it
+        if self.state_path and self.state_path.exists():
+            self._load(json.loads(self.state_path.read_text()))
+            self.restored = True
+        else:
+            self._record(step=0)
+
+    def _record(self, step: int) -> None:
+        self.trajectory.append({"step": step, **mixture_message(self.policy.mixture())})
+
+    async def current(self) -> dict[str, Any]:
+        return mixture_message(self.policy.mixture())
+
+    async def mixture_for_step(self, step: int) -> dict[str, Any]:
+        """The mixture every rank uses for global step ``step`` (``empty``: evaluate only)."""
+        if step not in self._assigned:
+            async with self._changed:
+                await self._changed.wait_for(self._has_steps_left)
+            if step not in self._assigned:  # another rank may have fixed it while we waited
+                mix = self.policy.mixture()
+                used = self._used.get(mix.version, 0)
+                self._used[mix.version] = used + 1
+                msg = mixture_message(mix)
+                msg["empty"] = mix.steps == 0
+                msg["eval_after"] = mix.eval_after and (mix.steps is not None and used + 1 >= mix.steps)
+                self._assigned[step] = msg
+                self._save()
+        msg = self._assigned[step]
+        self._asked[step] = self._asked.get(step, 0) + 1
+        if self._asked[step] >= self.merger.world_size:
+            del self._assigned[step], self._asked[step]
+        return msg
+
+    def _has_steps_left(self) -> bool:
+        mix = self.policy.mixture()
+        return mix.steps is None or self._used.get(mix.version, 0) < max(mix.steps, 1)
+
+    async def report(self, rank: int, kind: str, message: dict[str, Any]) -> bool:
+        """One rank's ``train`` or ``eval`` report; True when it completed a step and the policy moved."""
+        merged = self.merger.add(rank, kind, feedback_from(message))
+        if merged is None:
+            self._save()
+            return False
+        self.merged_log.append({"kind": kind, "version": merged.version, "step": merged.step,
+                                "counts": None if merged.counts is None else merged.counts.tolist()})
+        start = time.perf_counter()
+        if merged.version != self.policy.mixture().version:
+            self.stale_reports += 1
+        changed = self.policy.observe(merged)
+        if changed:
+            self._record(merged.step)
+        self.latencies_ms.append((time.perf_counter() - start) * 1e3)
+        self._save()
+        if changed:
+            async with self._changed:
+                self._changed.notify_all()
+        return changed
+
+    def stats(self) -> dict[str, Any]:
+        lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
+        return {"version": self.policy.mixture().version, "updates": len(self.latencies_ms),
+                "latency_ms_p50": float(np.percentile(lat, 50)), "latency_ms_p99": float(np.percentile(lat, 99)),
+                "stale_reports": self.stale_reports, "pending": self.merger.pending, "restored": self.restored}
+
+    def get_trajectory(self) -> list[dict[str, Any]]:
+        return list(self.trajectory)
+
+    def get_merged_log(self) -> list[dict[str, Any]]:
+        return list(self.merged_log)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"policy": _plain(self.policy.state_dict()), "merger": self.merger.state_dict(),
+                "trajectory": self.trajectory, "stale_reports": self.stale_reports,
+                "assigned": {str(k): v for k, v in self._assigned.items()},
+                "asked": {str(k): v for k, v in self._asked.items()},
+                "used": {str(k): v for k, v in self._used.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._load(state)
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.merger.load_state_dict(state["merger"])
+        self.trajectory = list(state["trajectory"])
+        self.stale_reports = int(state["stale_reports"])
+        self._assigned = {int(k): v for k, v in state["assigned"].items()}
+        self._asked = {int(k): v for k, v in state["asked"].items()}
+        self._used = {int(k): v for k, v in state["used"].items()}
+
+    def _save(self) -> None:
+        if self.state_path is None:
+            return
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state_dict()))
+        os.replace(tmp, self.state_path)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _plain(value: Any) -> Any:
+    """numpy values -> JSON-ready Python values (policies may keep arrays in their state)."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

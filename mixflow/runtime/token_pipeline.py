@@ -1,0 +1,227 @@
+"""The token pipeline graph: Parquet domains -> producers -> channels -> LM trainer ranks, with a
+mixture controller in the loop.
+
+Each rank owns a :class:`TokenProducer` (its own disjoint shards of every domain) and a
+credit-based channel. Producers take each step's mixture from the
+:class:`MixtureController` (one answer for all ranks), trainers report per-domain losses
+back to it, and the policy's new proportions reach the producers while training runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import ray
+from rich.console import Console
+from rich.table import Table
+
+from mixflow.config import TokenPipelineSpec
+from mixflow.data.bad_samples import SkipRecord, write_quarantine
+from mixflow.data.text_domains import machine_documents
+from mixflow.data.token_shard_writer import MANIFEST, read_manifest, write_domain_splits
+from mixflow.data.token_source import TokenSource
+from mixflow.errors import DataError, PipelineError
+from mixflow.runtime.channel import Channel
+from mixflow.runtime.lm_trainer_actor import LMTrainerRank
+from mixflow.runtime.mixture_controller import MixtureController
+from mixflow.runtime.progress import PipelineProgress
+from mixflow.runtime.ray_session import ensure_ray
+from mixflow.runtime.token_producer import TokenProducer
+
+POLL_S = 0.5
+SHARDS_PER_DOMAIN = 8
+
+
+def prepare_domains(spec: TokenPipelineSpec, console: Console | None = None) -> list[Path]:
+    """The domain directories under ``data.shards`` (each with ``train/`` and ``validation/``),
+    building the machine's text domains there first when it holds none and the spec asks."""
+    root = Path(spec.data.shards)
+    found = sorted(d for d in root.glob("*") if (d / "train" / MANIFEST).is_file())
+    if found:
+        return found
+    if not spec.data.machine_domains:
+        raise DataError(f"no token domains (<domain>/train/{MANIFEST}) and data.machine_domains is not set",
+                        shard=str(root))
+    shard_bytes = max(4096, spec.data.max_bytes_per_domain * 4 // SHARDS_PER_DOMAIN)
+    for name in spec.data.machine_domains:
+        if console:
+            console.print(f"building text domain '{name}' into {root / name}")
+        docs = machine_documents(name, spec.data.max_bytes_per_domain)
+        write_domain_splits(docs, root, name, spec.data.val_fraction, max_bytes=shard_bytes)
+    return [root / name for name in spec.data.machine_domains]
+
+
+def held_out_sets(domain_dirs: list[Path], seq_len: int, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per domain, the first ``count`` packed validation sequences: even ones for the policy
+    (validation), odd ones for the reported results (test)."""
+    val, test = [], []
+    for d in domain_dirs:
+        source = TokenSource(d / "validation", seq_len, shuffle=False, infinite=False)
+        seqs = [s.tokens for _, s in zip(range(count), source)]
+        if len(seqs) < 2:
+            raise DataError(f"validation split has {len(seqs)} sequence(s) of {seq_len + 1} tokens; need 2",
+                            shard=str(d / "validation"))
+        arr = np.stack(seqs).astype(np.int64)
+        val.append(arr[0::2])
+        test.append(arr[1::2])
+    return val, test
+
+
+@dataclass
+class TokenRunSummary:
+    name: str
+    policy: str
+    domains: list[str]
+    startup_s: float
+    wall_s: float
+    tokens: int
+    steps: int
+    wait_s: list[float]
+    test_loss: list[float]
+    trajectory: list[dict]
+    controller: dict
+    skipped: int
+    curve: list[dict] = field(default_factory=list)
+    batches: list[list[dict]] = field(default_factory=list)  # per rank, per batch: step, version, counts, p
+    reports: list[dict] = field(default_factory=list)  # merged feedback: kind, version, step, counts
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s else 0.0
+
+    @property
+    def test_perplexity(self) -> list[float]:
+        return [math.exp(v) for v in self.test_loss]
+
+    @property
+    def mean_perplexity(self) -> float:
+        return float(np.mean(self.test_perplexity))
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s, "test_perplexity": self.test_perplexity,
+                "mean_perplexity": self.mean_perplexity}
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1))
+
+    def render(self, console: Console) -> None:
+        console.print(f"[bold]{self.name}[/] ({self.policy}): {self.tokens} tokens in {self.wall_s:.1f} s = "
+                      f"[bold]{self.tokens_per_s:.0f} tokens/s[/] over {self.steps} steps "
+                      f"(actors started in {self.startup_s:.1f} s)")
+        table = Table("domain", "final p", "test loss", "test perplexity")
+        final_p = self.trajectory[-1]["p"]
+        for name, p, loss, ppl in zip(self.domains, final_p, self.test_loss, self.test_perplexity):
+            table.add_row(name, f"{p:.3f}", f"{loss:.3f}", f"{ppl:.2f}")
+        console.print(table)
+        c = self.controller
+        console.print(f"mixture versions: {c['version'] + 1}; controller update latency p50 {c['latency_ms_p50']:.2f} ms, "
+                      f"p99 {c['latency_ms_p99']:.2f} ms; mean test perplexity {self.mean_perplexity:.3f}")
+        console.print("waiting for data per rank: " + ", ".join(f"r{r}: {w:.1f} s" for r, w in enumerate(self.wait_s)))
+        if self.skipped:
+            console.print(f"[yellow]{self.skipped} bad documents skipped (see quarantine.jsonl)[/]")
+
+
+class TokenPipeline:
+    def __init__(self, spec: TokenPipelineSpec, console: Console | None = None, show_progress: bool = True):
+        self.spec = spec
+        self.console = console or Console()
+        self.show_progress = show_progress
+        self.controller = None
+        self.channels: list = []
+        self.producers: list = []
+        self.trainers: list = []
+
+    def _start_actors(self, domain_dirs: list[Path], val: list[np.ndarray], test: list[np.ndarray]) -> None:
+        spec, t = self.spec, self.spec.trainer
+        run_dir = spec.run_path
+        run_dir.mkdir(parents=True, exist_ok=True)
+        state_path = run_dir / "controller_state.json"
+        state_path.unlink(missing_ok=True)
+        params = dict(spec.mixture.params)
+        if spec.mixture.floor:
+            params["floor"] = spec.mixture.floor
+        m = len(domain_dirs)
+        pad_id = read_manifest(domain_dirs[0] / "train").pad_id
+        self.controller = MixtureController.remote(spec.mixture.policy, params, m, t.ranks, str(state_path))
+        self.channels = [Channel.remote(f"r{r}", spec.channel.max_items, spec.channel.max_bytes)
+                         for r in range(t.ranks)]
+        self.producers = [TokenProducer.remote(r, t.ranks, [str(d / "train") for d in domain_dirs], spec.data.seq_len,
+                                               t.batch_size, spec.seed, spec.on_error, self.controller,
+                                               self.channels[r]) for r in range(t.ranks)]
+        model_cfg = {"seq_len": spec.data.seq_len, "d_model": t.d_model, "layers": t.layers, "heads": t.heads}
+        self.trainers = [LMTrainerRank.options(scheduling_strategy="SPREAD").remote(
+            r, t.ranks, self.channels[r], self.controller, model_cfg, t.lr, m,
+            [v[r::t.ranks] for v in val], test, spec.seed, t.eval_every, t.throttle.get(r, 0.0), pad_id)
+            for r in range(t.ranks)]
+        master_addr, master_port = ray.get(self.trainers[0].address.remote())
+        ray.get([tr.setup.remote(master_addr, master_port) for tr in self.trainers])
+
+    def _stop(self, reason: str | None = None) -> None:
+        if reason:
+            for ch in self.channels:
+                ch.fail.remote(reason)
+        for tr in self.trainers:
+            try:
+                ray.get(tr.teardown.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - best effort while shutting down
+                pass
+        actors = self.trainers + self.producers + self.channels + ([self.controller] if self.controller else [])
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        self.trainers, self.producers, self.channels, self.controller = [], [], [], None
+
+    def run(self) -> TokenRunSummary:
+        spec, t = self.spec, self.spec.trainer
+        domain_dirs = prepare_domains(spec, self.console)
+        val, test = held_out_sets(domain_dirs, spec.data.seq_len, spec.data.eval_sequences)
+        ensure_ray(spec.runtime.address)
+        start = time.perf_counter()
+        try:
+            self._start_actors(domain_dirs, val, test)
+            startup_s = time.perf_counter() - start
+            start = time.perf_counter()
+            producers = {p.run.remote(0, t.steps): f"producer r{r}" for r, p in enumerate(self.producers)}
+            trainers = {tr.run.remote(): f"trainer r{r}" for r, tr in enumerate(self.trainers)}
+            total = t.steps * t.ranks * t.batch_size * spec.data.seq_len
+            with PipelineProgress(total, self.show_progress, self.console, unit="tokens") as progress:
+                results = self._wait(producers | trainers, set(trainers), progress)
+            wall_s = time.perf_counter() - start
+            produced = ray.get(list(producers))
+            trajectory = ray.get(self.controller.get_trajectory.remote())
+            stats = ray.get(self.controller.stats.remote())
+            reports = ray.get(self.controller.get_merged_log.remote())
+        except BaseException as exc:
+            self._stop(f"pipeline stopping: {exc}")
+            raise
+        self._stop()
+        ranks = sorted((results[r] for r in trainers), key=lambda r: r["rank"])
+        skipped: list[SkipRecord] = [rec for p in produced for rec in p["skipped"]]
+        summary = TokenRunSummary(spec.name, spec.mixture.policy, [d.name for d in domain_dirs], startup_s, wall_s,
+                                  sum(r["tokens"] for r in ranks), ranks[0]["steps"], [r["wait_s"] for r in ranks],
+                                  ranks[0]["test_loss"], trajectory, stats, len(skipped), ranks[0]["curve"],
+                                  [r["batches"] for r in ranks], reports)
+        summary.save(spec.run_path / "summary.json")
+        if skipped:
+            write_quarantine(spec.run_path / "quarantine.jsonl", skipped)
+        return summary
+
+    def _wait(self, refs: dict, until_done: set, progress: PipelineProgress) -> dict:
+        results: dict = {}
+        while until_done - results.keys():
+            open_refs = [r for r in refs if r not in results]
+            ready, _ = ray.wait(open_refs, num_returns=1, timeout=POLL_S)
+            for ref in ready:
+                try:
+                    results[ref] = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - re-raised with the stage named
+                    raise PipelineError(f"{refs[ref]} failed: {exc}") from exc
+            stats = ray.get([ch.stats.remote() for ch in self.channels])
+            prog = ray.get([tr.progress.remote() for tr in self.trainers])
+            progress.update(sum(p["tokens"] for p in prog), stats, [p["loss"] for p in prog])
+        return results

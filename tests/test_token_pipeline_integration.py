@@ -1,0 +1,80 @@
+"""The token pipeline on real Ray: 2 LM ranks, a mixture controller, proportions that move."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mixflow.config import validate_spec
+
+
+@pytest.fixture(scope="session")
+def text_domains(tmp_path_factory):
+    """Three real text domains from this machine, small."""
+    from mixflow.data.text_domains import machine_documents
+    from mixflow.data.token_shard_writer import write_domain_splits
+
+    root = tmp_path_factory.mktemp("text")
+    for name in ("python", "c_headers", "licenses"):
+        write_domain_splits(machine_documents(name, max_bytes=160 * 2**10), root, name, 0.15,
+                            max_bytes=64 * 2**10)
+    return root
+
+
+def token_spec(root, tmp_path, policy, params=None, steps=24):
+    return validate_spec({
+        "kind": "tokens", "name": "tok", "seed": 3, "run_dir": str(tmp_path / "run"),
+        "data": {"shards": str(root), "seq_len": 32, "eval_sequences": 16},
+        "mixture": {"policy": policy, "params": params or {}},
+        "channel": {"max_items": 3, "max_bytes": "1MiB"},
+        "trainer": {"ranks": 2, "steps": steps, "batch_size": 8, "d_model": 32, "layers": 1, "heads": 2,
+                    "eval_every": 0},
+    })
+
+
+def _check_versions(summary, batch_size):
+    by_version = {t["version"]: np.asarray(t["p"]) for t in summary.trajectory}
+    steps = [{b["step"]: b for b in rank} for rank in summary.batches]
+    assert steps[0].keys() == steps[1].keys()
+    for rank in steps:
+        running: dict[int, np.ndarray] = {}
+        for step in sorted(rank):
+            b = rank[step]
+            # the batch carries exactly the proportions published under its version
+            np.testing.assert_allclose(b["p"], by_version[b["version"]])
+            counts = np.asarray(b["counts"])
+            assert counts.sum() in (0, batch_size)
+            # realised composition: every prefix of a version within one sample of p * n per domain
+            total = running.setdefault(b["version"], np.zeros_like(counts)) + counts
+            running[b["version"]] = total
+            assert np.all(np.abs(total - by_version[b["version"]] * total.sum()) < 1 + 1e-9), (step, total)
+    for step in steps[0]:  # both ranks built each step from the same version
+        assert steps[0][step]["version"] == steps[1][step]["version"]
+    train = [r for r in summary.reports if r["kind"] == "train"]
+    assert len(train) == len([s for s in steps[0].values() if sum(s["counts"])])
+    for r in train:  # feedback attributed to the version that built the batch, counts summed over ranks
+        assert r["version"] == steps[0][r["step"]]["version"]
+        np.testing.assert_array_equal(r["counts"], np.add(steps[0][r["step"]]["counts"], steps[1][r["step"]]["counts"]))
+
+
+def test_odm_moves_proportions_during_run_and_versions_match(ray_session, text_domains, tmp_path):
+    from mixflow.runtime.token_pipeline import TokenPipeline
+
+    summary = TokenPipeline(token_spec(text_domains, tmp_path, "odm"), show_progress=False).run()
+    assert summary.steps == 24
+    assert summary.tokens == 24 * 2 * 8 * 32
+    assert len(summary.trajectory) > 3  # the mixture changed while training ran
+    assert len({tuple(np.round(t["p"], 6)) for t in summary.trajectory}) > 3
+    assert len({b["version"] for b in summary.batches[0]}) > 3
+    _check_versions(summary, 8)
+    assert all(np.isfinite(summary.test_loss))
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+def test_unknown_policy_param_names_the_field(tmp_path):
+    from mixflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"mixture: .*params\.bogus: not a parameter of policy 'odm'"):
+        token_spec(tmp_path, tmp_path, "odm", {"bogus": 1})
+    with pytest.raises(ConfigError, match=r"unknown policy 'nope'"):
+        token_spec(tmp_path, tmp_path, "nope")
