@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from mixflow.errors import ConfigError
 
@@ -112,9 +112,161 @@ class MixupCutmixSpec(_MixCommon):
         return self
 
 
-MixSpec = Annotated[Union[NoMixSpec, MixUpSpec, CutMixSpec, MixupCutmixSpec], Field(discriminator="method")]
+class ResizeMixSpec(_MixCommon):
+    """ResizeMix (Qin et al. 2020): ``tau ~ U(scope)``, the whole partner resized into the box."""
+
+    method: Literal["resizemix"]
+    scope: tuple[float, float] = (0.1, 0.8)
+    interpolation: Literal["nearest", "bilinear"] = "nearest"
+
+    @field_validator("scope")
+    @classmethod
+    def _scope_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError(f"scope must satisfy 0 < min <= max <= 1, got {v}")
+        return v
+
+
+class FMixSpec(_MixCommon):
+    """FMix (Harris et al. 2020): low-frequency Fourier masks; paper defaults alpha 1, decay_power 3."""
+
+    method: Literal["fmix"]
+    alpha: float = Field(1.0, gt=0.0)
+    decay_power: float = Field(3.0, ge=0.0)
+    max_soft: float = Field(0.0, ge=0.0, le=0.5)
+    reference_spectrum: bool = Field(False, description="Reproduce the official code's spectrum (axis bug).")
+
+
+class MaskMixSpec(_MixCommon):
+    """MaskMix (MixPro, Zhao et al. ICLR 2023); official DeiT configs: patch_size 14, mask_patch 56."""
+
+    method: Literal["maskmix"]
+    alpha: float = Field(1.0, gt=0.0)
+    patch_size: int = Field(14, ge=1, description="The model's patch (token) size in pixels.")
+    mask_patch: int = Field(56, ge=1, description="Mask cell side in pixels: a multiple of patch_size.")
+
+    @field_validator("mask_patch")
+    @classmethod
+    def _multiple_of_patch(cls, v: int, info: ValidationInfo) -> int:
+        patch = info.data.get("patch_size")
+        if patch and v % patch:
+            raise ValueError(f"mask_patch must be a multiple of patch_size {patch}, got {v}")
+        return v
+
+
+class PatchMixingSpec(_MixCommon):
+    """Patch Mixing (Lee et al. 2023): partner patches on the model's patch grid."""
+
+    method: Literal["patch_mixing"]
+    alpha: float = Field(1.0, gt=0.0)
+    patch_size: int = Field(16, ge=1)
+
+
+class TransMixSpec(_MixCommon):
+    """TransMix (Chen et al. CVPR 2022): CutMix pixels, attention label on the trainer; DeiT recipe."""
+
+    method: Literal["transmix"]
+    mixup_alpha: float = Field(0.8, ge=0.0)
+    cutmix_alpha: float = Field(1.0, ge=0.0)
+    switch_prob: float = Field(0.5, ge=0.0, le=1.0, description="Probability of CutMix (else MixUp).")
+    minmax: tuple[float, float] | None = None
+    correct_lam: bool = True
+
+    @model_validator(mode="after")
+    def _cutmix_enabled(self) -> "TransMixSpec":
+        if self.cutmix_alpha == 0 and self.minmax is None:
+            raise ValueError("transmix needs cutmix_alpha > 0 or minmax (its label is defined on CutMix boxes)")
+        return self
+
+
+class SMMixSpec(_Strict):
+    """SMMix (Chen et al. ICCV 2023): side length drawn here, windows pasted on the trainer."""
+
+    method: Literal["smmix"]
+    mixup_alpha: float = Field(0.8, ge=0.0)
+    switch_prob: float = Field(0.5, ge=0.0, le=1.0, description="Probability of SMMix (else MixUp).")
+    token_grid: int = Field(14, ge=1, description="Tokens per image side (224 px / 16 px patches).")
+    min_side_ratio: float = Field(0.25, gt=0.0, le=1.0)
+    max_side_ratio: float = Field(0.75, gt=0.0, le=1.0)
+    prob: float = Field(1.0, ge=0.0, le=1.0)
+    pairing: Literal["derangement", "flip", "roll"] = "derangement"
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _side_range(self) -> "SMMixSpec":
+        lo, hi = int(self.token_grid * self.min_side_ratio), int(self.token_grid * self.max_side_ratio)
+        if not 1 <= lo <= hi:
+            raise ValueError(f"min_side_ratio/max_side_ratio give window sides {lo}..{hi} tokens; "
+                             f"need 1 <= min <= max")
+        return self
+
+
+class ManifoldMixupSpec(_MixCommon):
+    """Manifold Mixup (Verma et al. ICML 2019): alpha 2.0, layer drawn from {0, 1, 2} (0 = input)."""
+
+    method: Literal["manifold_mixup"]
+    alpha: float = Field(2.0, gt=0.0)
+    layers: tuple[Annotated[int, Field(ge=0)], ...] = Field((0, 1, 2), min_length=1)
+
+
+class CMixupSpec(_Strict):
+    """C-Mixup (Yao et al. NeurIPS 2022), regression: alpha 2.0, kernel bandwidth sigma 1.0."""
+
+    method: Literal["c_mixup"]
+    alpha: float = Field(2.0, gt=0.0)
+    sigma: float = Field(1.0, gt=0.0, description="Bandwidth of the label kernel exp(-d^2 / (2 sigma^2)).")
+    mode: Literal["batch", "elem"] = "batch"
+
+
+class Mix3DSpec(_Strict):
+    """Mix3D (Nekrasov et al. 3DV 2021): point-cloud scenes concatenated in pairs."""
+
+    method: Literal["mix3d"]
+    centre: bool = True
+
+
+class BeatSyncMixupSpec(_MixCommon):
+    """Beat-synchronous mixup (MusicLDM, Chen et al. 2023): lam ~ Beta(5, 5), tempo-matched partners."""
+
+    method: Literal["beat_sync_mixup"]
+    alpha: float = Field(5.0, gt=0.0)
+    sample_rate: float = Field(16000.0, gt=0.0, description="Samples (or latent frames) per second.")
+    pairing: Literal["derangement", "flip", "roll", "tempo"] = "tempo"
+
+
+ChoosableMixSpec = Annotated[Union[MixUpSpec, CutMixSpec, MixupCutmixSpec, ResizeMixSpec, FMixSpec, MaskMixSpec,
+                                   PatchMixingSpec], Field(discriminator="method")]
+
+
+class MixChoice(_Strict):
+    weight: float = Field(gt=0.0, allow_inf_nan=False, description="Relative probability of this method.")
+    mix: ChoosableMixSpec
+
+    @field_validator("mix")
+    @classmethod
+    def _no_own_smoothing(cls, v: BaseModel) -> BaseModel:
+        if v.label_smoothing:
+            raise ValueError("set label_smoothing once on the choice, not per method")
+        return v
+
+
+class MethodChoiceSpec(_Strict):
+    """One method per batch, drawn by weight (DeiT: mixup alpha 0.8 / cutmix alpha 1.0, 0.5 each)."""
+
+    method: Literal["choice"]
+    choices: list[MixChoice] = Field(min_length=1)
+    prob: float = Field(1.0, ge=0.0, le=1.0, description="Probability that a batch is mixed at all.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="Applies to every choice.")
+
+
+MixSpec = Annotated[Union[NoMixSpec, MixUpSpec, CutMixSpec, MixupCutmixSpec, ResizeMixSpec, FMixSpec, MaskMixSpec,
+                          PatchMixingSpec, MethodChoiceSpec, TransMixSpec, SMMixSpec, ManifoldMixupSpec,
+                          CMixupSpec, Mix3DSpec, BeatSyncMixupSpec], Field(discriminator="method")]
 MIX_SPECS: dict[str, type[BaseModel]] = {
-    "none": NoMixSpec, "mixup": MixUpSpec, "cutmix": CutMixSpec, "mixup_cutmix": MixupCutmixSpec}
+    "none": NoMixSpec, "mixup": MixUpSpec, "cutmix": CutMixSpec, "mixup_cutmix": MixupCutmixSpec,
+    "resizemix": ResizeMixSpec, "fmix": FMixSpec, "maskmix": MaskMixSpec, "patch_mixing": PatchMixingSpec,
+    "choice": MethodChoiceSpec, "transmix": TransMixSpec, "smmix": SMMixSpec, "manifold_mixup": ManifoldMixupSpec,
+    "c_mixup": CMixupSpec, "mix3d": Mix3DSpec, "beat_sync_mixup": BeatSyncMixupSpec}
 
 
 class ChannelSpec(_Strict):
@@ -184,6 +336,9 @@ def _resolve_model(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseMod
     for part in loc:
         if part in MIX_SPECS:
             current = MIX_SPECS[part]
+            continue
+        if isinstance(part, int):  # an item of a list field (mix.choices.0)
+            current = (get_args(current) or (None,))[0]
             continue
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
@@ -272,6 +427,8 @@ class LMTrainerSpec(_Strict):
     ranks: int = Field(2, ge=1)
     steps: int = Field(300, ge=1, description="Training steps per rank (the token budget is steps x batch x seq_len x ranks).")
     batch_size: int = Field(16, ge=1, description="Sequences per rank per step.")
+    model: Literal["byte_gpt", "unigram"] = Field(
+        "byte_gpt", description="'unigram' counts bytes: real losses at almost no compute (data-plane benchmarks).")
     d_model: int = Field(128, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)

@@ -113,3 +113,14 @@ def test_per_domain_mean():
     domains = torch.tensor([0, 2, 0, 2])
     out = per_domain_mean(values, domains, 3)
     assert out[0].item() == 2.0 and out[2].item() == 3.5 and math.isnan(out[1].item())
+
+
+def test_unigram_lm_loss_is_exact_and_falls_with_data():
+    from mixflow.train.unigram_lm import UnigramLM
+
+    lm = UnigramLM(4, pad_id=3)
+    tokens = torch.tensor([[0, 1, 1, 3]])
+    # uniform add-one counts: -log(1/4) for the two real targets, the pad left out
+    assert lm.per_sequence_loss(tokens).item() == pytest.approx(math.log(4))
+    lm.update(tokens)  # counts [1, 3, 1, 1]
+    assert lm.per_sequence_loss(tokens).item() == pytest.approx(-math.log(3 / 6))

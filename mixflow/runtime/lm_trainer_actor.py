@@ -25,22 +25,27 @@ from mixflow.runtime.channel import ChannelReader
 from mixflow.runtime.trainer_actor import _free_port
 from mixflow.train.byte_gpt import ByteGPT, ByteGPTConfig, per_domain_mean, per_sequence_loss
 from mixflow.train.token_feed import TokenFeed
+from mixflow.train.unigram_lm import UnigramLM
 
 
 @torch.no_grad()
-def domain_losses(model: torch.nn.Module, sets: list[np.ndarray], pad_id: int | None = None,
+def domain_losses(model: torch.nn.Module | UnigramLM, sets: list[np.ndarray], pad_id: int | None = None,
                   batch: int = 32) -> list[float]:
     """Mean next-token loss of each domain's held-out sequences."""
-    model.eval()
+    if isinstance(model, torch.nn.Module):
+        model.eval()
     out = []
     for seqs in sets:
         total, n = 0.0, 0
         for i in range(0, len(seqs), batch):
             chunk = torch.from_numpy(np.asarray(seqs[i:i + batch], dtype=np.int64))
-            total += per_sequence_loss(model, chunk, pad_id).sum().item()
+            losses = (model.per_sequence_loss(chunk) if isinstance(model, UnigramLM)
+                      else per_sequence_loss(model, chunk, pad_id))
+            total += losses.sum().item()
             n += len(chunk)
         out.append(total / n if n else math.nan)
-    model.train()
+    if isinstance(model, torch.nn.Module):
+        model.train()
     return out
 
 
@@ -48,7 +53,7 @@ def domain_losses(model: torch.nn.Module, sets: list[np.ndarray], pad_id: int | 
 class LMTrainerRank:
     def __init__(self, rank: int, world_size: int, channel, controller, model_cfg: dict, lr: float,
                  num_domains: int, val_sets: list, test_sets: list, seed: int, eval_every: int = 0,
-                 throttle_s: float = 0.0, pad_id: int | None = None):
+                 throttle_s: float = 0.0, pad_id: int | None = None, model_name: str = "byte_gpt"):
         torch.set_num_threads(1)
         self.rank, self.world_size = rank, world_size
         self.controller = controller
@@ -61,6 +66,7 @@ class LMTrainerRank:
         self.eval_every = eval_every
         self.throttle_s = throttle_s
         self.pad_id = pad_id
+        self.model_name = model_name
         self.model = None
         self._progress = {"steps": 0, "tokens": 0, "loss": None}
 
@@ -68,6 +74,9 @@ class LMTrainerRank:
         return ray.util.get_node_ip_address(), _free_port()
 
     def setup(self, master_addr: str, master_port: int) -> None:
+        if self.model_name == "unigram":
+            self.model = self.raw_model = UnigramLM(self.cfg.vocab_size, self.pad_id)
+            return
         torch.manual_seed(self.seed)  # identical initial weights on every rank
         model = ByteGPT(self.cfg)
         self.raw_model = model
@@ -88,12 +97,8 @@ class LMTrainerRank:
         steps, loss_sum = 0, 0.0
         for batch in feed:
             if not batch.empty:
-                per_seq = per_sequence_loss(self.model, batch.tokens, self.pad_id)
-                loss = per_seq.mean()
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                per_domain = per_domain_mean(per_seq.detach(), batch.domains, self.m)
+                loss, per_seq = self._step(batch.tokens)
+                per_domain = per_domain_mean(per_seq, batch.domains, self.m)
                 seq_tokens = batch.tokens.shape[1] - 1
                 feed.report(batch.step, per_domain, batch.counts * seq_tokens, batch.version, batch.counts)
                 steps += 1
@@ -110,6 +115,18 @@ class LMTrainerRank:
         return {"rank": self.rank, "steps": steps, "tokens": feed.tokens, "keys": feed.keys,
                 "wait_s": feed.wait_s, "wall_s": wall, "mean_loss": loss_sum / max(steps, 1),
                 "test_loss": final, "curve": curve, "batches": feed.log}
+
+    def _step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.model, UnigramLM):
+            per_seq = self.model.per_sequence_loss(tokens)
+            self.model.update(tokens)
+            return per_seq.mean(), per_seq
+        per_seq = per_sequence_loss(self.model, tokens, self.pad_id)
+        loss = per_seq.mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss, per_seq.detach()
 
     def progress(self) -> dict:
         return dict(self._progress)

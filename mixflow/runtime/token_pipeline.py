@@ -147,17 +147,20 @@ class TokenPipeline:
         if spec.mixture.floor:
             params["floor"] = spec.mixture.floor
         m = len(domain_dirs)
-        pad_id = read_manifest(domain_dirs[0] / "train").pad_id
+        manifest = read_manifest(domain_dirs[0] / "train")
+        pad_id = manifest.pad_id
         self.controller = MixtureController.remote(spec.mixture.policy, params, m, t.ranks, str(state_path))
         self.channels = [Channel.remote(f"r{r}", spec.channel.max_items, spec.channel.max_bytes)
                          for r in range(t.ranks)]
         self.producers = [TokenProducer.remote(r, t.ranks, [str(d / "train") for d in domain_dirs], spec.data.seq_len,
                                                t.batch_size, spec.seed, spec.on_error, self.controller,
                                                self.channels[r]) for r in range(t.ranks)]
-        model_cfg = {"seq_len": spec.data.seq_len, "d_model": t.d_model, "layers": t.layers, "heads": t.heads}
+        model_cfg = {"vocab_size": manifest.vocab_size, "seq_len": spec.data.seq_len, "d_model": t.d_model,
+                     "layers": t.layers, "heads": t.heads}
         self.trainers = [LMTrainerRank.options(scheduling_strategy="SPREAD").remote(
             r, t.ranks, self.channels[r], self.controller, model_cfg, t.lr, m,
-            [v[r::t.ranks] for v in val], test, spec.seed, t.eval_every, t.throttle.get(r, 0.0), pad_id)
+            [v[r::t.ranks] for v in val], test, spec.seed, t.eval_every, t.throttle.get(r, 0.0), pad_id,
+            t.model)
             for r in range(t.ranks)]
         master_addr, master_port = ray.get(self.trainers[0].address.remote())
         ray.get([tr.setup.remote(master_addr, master_port) for tr in self.trainers])
