@@ -20,17 +20,18 @@ from mixflow.data.bad_samples import SkipRecord, write_quarantine
 from mixflow.data.demo_sets import build_demo
 from mixflow.data.listing import ShardInfo, dataset_keys, list_shards
 from mixflow.decode.device import resolve_decode_device
-from mixflow.errors import PipelineError
 from mixflow.runtime.channel import Channel
 from mixflow.runtime.decoder_actor import DecoderActor
 from mixflow.runtime.ledger import EpochLedger, check_epoch
 from mixflow.runtime.mixer_actor import MixerActor
 from mixflow.runtime.progress import PipelineProgress
 from mixflow.runtime.ray_session import ensure_ray
+from mixflow.runtime.stage_failure import stage_error
 from mixflow.runtime.summary import RankSummary, RunSummary
 from mixflow.runtime.trainer_actor import TrainerRank
 
 POLL_S = 0.5
+TEARDOWN_S = 10.0  # how long stopping waits for the ranks to leave their process groups
 
 
 def prepare_shards(spec: PipelineSpec, console: Console | None = None) -> list[ShardInfo]:
@@ -78,13 +79,12 @@ class ImagePipeline:
         if reason:
             for ch in self.channels:
                 ch.fail.remote(reason)
-        for t in self.trainers:
-            try:
-                ray.get(t.teardown.remote(), timeout=10)
-            except Exception:  # noqa: BLE001 - best effort while shutting down
-                pass
+        if self.trainers:
+            # All ranks at once, one deadline: a rank stuck in a collective with a dead peer is killed below.
+            teardowns = [t.teardown.remote() for t in self.trainers]
+            ray.wait(teardowns, num_returns=len(teardowns), timeout=TEARDOWN_S)
         for actor in self.trainers + self.mixers + self.decoders + self.channels:
-            ray.kill(actor)
+            ray.kill(actor, no_restart=True)
         self.trainers, self.mixers, self.decoders, self.channels = [], [], [], []
 
     def _wait(self, refs: dict, progress: PipelineProgress, until_done: set) -> dict:
@@ -97,9 +97,12 @@ class ImagePipeline:
                 try:
                     results[ref] = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - re-raised with the stage named
-                    raise PipelineError(f"{refs[ref]} failed: {exc}") from exc
-            stats = ray.get([ch.stats.remote() for ch in self.channels])
-            prog = ray.get([t.progress.remote() for t in self.trainers])
+                    raise stage_error(refs[ref], exc) from exc
+            try:
+                stats = ray.get([ch.stats.remote() for ch in self.channels])
+                prog = ray.get([t.progress.remote() for t in self.trainers])
+            except ray.exceptions.RayActorError:
+                continue  # an actor died: the ref of the stage it serves fails on the next wait, named
             progress.update(sum(p["samples"] for p in prog), stats, [p["loss"] for p in prog])
         return results
 

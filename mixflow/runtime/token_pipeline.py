@@ -25,15 +25,17 @@ from mixflow.data.bad_samples import SkipRecord, write_quarantine
 from mixflow.data.text_domains import machine_documents
 from mixflow.data.token_shard_writer import MANIFEST, read_manifest, write_domain_splits
 from mixflow.data.token_source import TokenSource
-from mixflow.errors import DataError, PipelineError
+from mixflow.errors import DataError
 from mixflow.runtime.channel import Channel
 from mixflow.runtime.lm_trainer_actor import LMTrainerRank
 from mixflow.runtime.mixture_controller import MixtureController
 from mixflow.runtime.progress import PipelineProgress
 from mixflow.runtime.ray_session import ensure_ray
+from mixflow.runtime.stage_failure import stage_error
 from mixflow.runtime.token_producer import TokenProducer
 
 POLL_S = 0.5
+TEARDOWN_S = 10.0  # how long stopping waits for the ranks to leave their process groups
 SHARDS_PER_DOMAIN = 8
 
 
@@ -169,11 +171,10 @@ class TokenPipeline:
         if reason:
             for ch in self.channels:
                 ch.fail.remote(reason)
-        for tr in self.trainers:
-            try:
-                ray.get(tr.teardown.remote(), timeout=10)
-            except Exception:  # noqa: BLE001 - best effort while shutting down
-                pass
+        if self.trainers:
+            # All ranks at once, one deadline: a rank stuck in a collective with a dead peer is killed below.
+            teardowns = [tr.teardown.remote() for tr in self.trainers]
+            ray.wait(teardowns, num_returns=len(teardowns), timeout=TEARDOWN_S)
         actors = self.trainers + self.producers + self.channels + ([self.controller] if self.controller else [])
         for actor in actors:
             ray.kill(actor, no_restart=True)
@@ -223,8 +224,11 @@ class TokenPipeline:
                 try:
                     results[ref] = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - re-raised with the stage named
-                    raise PipelineError(f"{refs[ref]} failed: {exc}") from exc
-            stats = ray.get([ch.stats.remote() for ch in self.channels])
-            prog = ray.get([tr.progress.remote() for tr in self.trainers])
+                    raise stage_error(refs[ref], exc) from exc
+            try:
+                stats = ray.get([ch.stats.remote() for ch in self.channels])
+                prog = ray.get([tr.progress.remote() for tr in self.trainers])
+            except ray.exceptions.RayActorError:
+                continue  # an actor died: the ref of the stage it serves fails on the next wait, named
             progress.update(sum(p["tokens"] for p in prog), stats, [p["loss"] for p in prog])
         return results
