@@ -73,8 +73,8 @@ def alignment_shift(first: torch.Tensor, period: torch.Tensor, known: torch.Tens
     p_first, p_period, p_known = first[perm], period[perm], known[perm]
     d = first - p_first
     finite = torch.isfinite(p_period)
-    reduced = d - p_period.where(finite, torch.ones_like(d)) * torch.round(d / p_period.where(finite, torch.ones_like(d)))
-    d = torch.where(finite, reduced, d)
+    period = p_period.where(finite, torch.ones_like(d))
+    d = torch.where(finite, d - period * torch.round(d / period), d)
     return torch.where(known & p_known, d, torch.zeros_like(d))
 
 
