@@ -1,18 +1,33 @@
-"""Config names -> mixing methods, so a pipeline spec can pick one (``mix.method``)."""
+"""Config names -> mixing methods, so a pipeline spec can pick one (``mix.method``).
+
+Every entry is called ``f(x, y, rng, **params)``. Methods whose data are not labelled
+images keep that shape with their own ``x`` / ``y`` and return their own batch type:
+``c_mixup`` (regression: float targets ``y``, returns a ``RegressionMixedBatch``),
+``mix3d`` (``x`` a ``PointScenes``, ``y`` per-point labels, returns ``MixedScenes``) and
+``beat_sync_mixup`` (audio; the per-batch beat metadata ``beats``/``beat_counts`` or
+``tempo``/``first_beat`` are passed as keywords at call time).
+"""
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
+from mixflow.mix.beat_sync_mixup import beat_sync_mixup
+from mixflow.mix.c_mixup import c_mixup
 from mixflow.mix.cutmix import cutmix
+from mixflow.mix.manifold_mixup import manifold_mixup
+from mixflow.mix.mix3d import mix3d
 from mixflow.mix.mixed_batch import MixedBatch, unmixed
 from mixflow.mix.mixup import mixup
 from mixflow.mix.mixup_cutmix import mixup_cutmix
+from mixflow.mix.smmix import smmix
+from mixflow.mix.transmix import transmix
 
 MixFn = Callable[[torch.Tensor, torch.Tensor, np.random.Generator], MixedBatch]
 
@@ -22,16 +37,28 @@ def _none(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, num_cla
     return unmixed(x, y, num_classes, label_smoothing)
 
 
-METHODS: dict[str, Callable[..., MixedBatch]] = {
+METHODS: dict[str, Callable[..., Any]] = {
     "none": _none,
     "mixup": mixup,
     "cutmix": cutmix,
     "mixup_cutmix": mixup_cutmix,
+    "transmix": transmix,
+    "smmix": smmix,
+    "manifold_mixup": manifold_mixup,
+    "c_mixup": c_mixup,
+    "mix3d": mix3d,
+    "beat_sync_mixup": beat_sync_mixup,
 }
 
 
 def build_mixer(method: str, num_classes: int, **params: Any) -> MixFn:
-    """Bind a method's parameters: the result is ``f(x, y, rng) -> MixedBatch``."""
+    """Bind a method's parameters: the result is ``f(x, y, rng) -> MixedBatch``.
+
+    ``num_classes`` is bound only for methods that take it (not regression or point clouds).
+    """
     if method not in METHODS:
         raise ValueError(f"unknown mixing method {method!r}; choose one of {', '.join(METHODS)}")
-    return functools.partial(METHODS[method], num_classes=num_classes, **params)
+    fn = METHODS[method]
+    if "num_classes" in inspect.signature(fn).parameters:
+        params = {"num_classes": num_classes, **params}
+    return functools.partial(fn, **params)
