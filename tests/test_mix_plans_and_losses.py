@@ -179,6 +179,8 @@ def test_smmix_pipeline_emits_a_side_length_plan_and_leaves_x_unmixed():
         torch.testing.assert_close(mb.lam, torch.full((6,), 1 - mb.plan.side ** 2 / 196))
         sides.add(mb.plan.side)
     assert sides == set(range(3, 11))
+    a, b = (smmix(x, torch.arange(6), rng(7), num_classes=C) for _ in range(2))
+    assert a.method == b.method and a.plan == b.plan and torch.equal(a.perm, b.perm) and torch.equal(a.x, b.x)
     mixed = smmix(x, torch.arange(6), rng(0), num_classes=C, switch_prob=0.0)
     assert mixed.method == "mixup" and mixed.plan is None
     with pytest.raises(ValueError, match="multiple of token_grid=14"):

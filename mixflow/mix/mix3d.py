@@ -5,9 +5,9 @@ one by concatenating their points (coordinates, features and per-point labels), 
 objects are seen out of their usual context. There is no mixing weight: every point
 keeps its own label. The batch of ``B`` scenes becomes ``ceil(B/2)`` mixed scenes.
 
-Here the pairing is a seeded random matching of the batch (the reference collate pairs
-consecutive scenes of an already shuffled batch, which is the same distribution); an
-odd batch leaves one scene unpaired. ``centre`` subtracts each scene's mean coordinate
+Here the pairing is a seeded random matching of the batch (collate-time ports such as
+Pointcept's merge consecutive scenes of an already shuffled batch, which is the same
+distribution); an odd batch leaves one scene unpaired. ``centre`` subtracts each scene's mean coordinate
 before concatenation, as the paper does so the two scenes overlap. The per-scene
 augmentations (rotation, scaling, flips, elastic distortion, colour jitter) belong to
 the loader and happen before this function.
