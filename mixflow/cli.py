@@ -73,6 +73,16 @@ def _cmd_shards(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+def _cmd_preview(args: argparse.Namespace, console: Console) -> int:
+    from mixflow.preview import render_preview
+
+    shown = render_preview(args.source, args.out, rows=args.rows, cols=args.cols, seed=args.seed,
+                           method=args.method, overrides=args.set)
+    console.print(f"{len(shown.tiles)} samples mixed with {shown.method} drawn into {shown.path} "
+                  f"({shown.size[0]}x{shown.size[1]} px)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -100,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--val-fraction", type=float, default=0.1,
                         help="documents held out per text domain as validation (0: none)")
     shards.set_defaults(func=_cmd_shards)
+    preview = sub.add_parser("preview", help="draw a PNG grid of mixed samples with their label weights")
+    preview.add_argument("source", metavar="SPEC_OR_SHARDS", help="a pipeline spec (YAML) or a shard directory")
+    preview.add_argument("--method", help="mixing method (replaces the spec's mix section; shards default "
+                                          "mixup_cutmix)")
+    preview.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                         help="override a spec field, e.g. --set mix.alpha=0.4 --set decode.size=[64,64]")
+    preview.add_argument("--out", default="preview.png", help="PNG to write (default preview.png)")
+    preview.add_argument("--rows", type=int, default=4)
+    preview.add_argument("--cols", type=int, default=4)
+    preview.add_argument("--seed", type=int, help="seed for the shuffle, crops and mixing (default: the spec's)")
+    preview.set_defaults(func=_cmd_preview)
     return parser
 
 
