@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mixflow.mix.lam import apply_prob, beta_lam, per_mode
+from mixflow.mix.mask_ops import check_seg
 from mixflow.mix.mixed_batch import MixedBatch
 from mixflow.mix.ops import paste_boxes, spatial_dims
 from mixflow.mix.pairing import partner_index
@@ -55,10 +56,13 @@ def box_lam(boxes: np.ndarray, h: int, w: int) -> np.ndarray:
 def cutmix(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, num_classes: int,
            alpha: float = 1.0, mode: str = "batch", pairing: str = "derangement", prob: float = 1.0,
            label_smoothing: float = 0.0, correct_lam: bool = True,
-           minmax: tuple[float, float] | None = None, layout: str = "auto") -> MixedBatch:
-    """CutMix a batch (uint8 NHWC or float NCHW)."""
+           minmax: tuple[float, float] | None = None, seg: torch.Tensor | None = None,
+           layout: str = "auto") -> MixedBatch:
+    """CutMix a batch (uint8 NHWC or float NCHW); ``seg`` (integer ``[B, H, W]``) gets the same boxes."""
     hd, wd = spatial_dims(x, layout)
     h, w = x.shape[hd], x.shape[wd]
+    if seg is not None:
+        check_seg(seg, len(x), (h, w))
     perm = partner_index(len(x), pairing, rng, mode)
     lam = apply_prob(beta_lam(alpha, mode, perm, rng), prob, mode, perm, rng)
     boxes = cutmix_boxes(lam, h, w, rng, mode, perm, minmax)
@@ -66,5 +70,6 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, num_cl
         lam = np.where(lam >= 1.0, 1.0, box_lam(boxes, h, w))
     perm_t = torch.as_tensor(perm, device=x.device)
     out = paste_boxes(x, perm_t, boxes, layout)
+    mixed_seg = None if seg is None else paste_boxes(seg.unsqueeze(1), perm_t.to(seg.device), boxes, "NCHW")[:, 0]
     return MixedBatch(out, y, y[perm_t.to(y.device)], torch.as_tensor(lam, dtype=torch.float32),
-                      perm_t, num_classes, label_smoothing, "cutmix")
+                      perm_t, num_classes, label_smoothing, "cutmix", seg=mixed_seg)

@@ -21,11 +21,16 @@ import torch
 from mixflow.mix.beat_sync_mixup import beat_sync_mixup
 from mixflow.mix.c_mixup import c_mixup
 from mixflow.mix.cutmix import cutmix
+from mixflow.mix.fmix import fmix
 from mixflow.mix.manifold_mixup import manifold_mixup
+from mixflow.mix.maskmix import maskmix
+from mixflow.mix.method_choice import method_choice
 from mixflow.mix.mix3d import mix3d
 from mixflow.mix.mixed_batch import MixedBatch, unmixed
 from mixflow.mix.mixup import mixup
 from mixflow.mix.mixup_cutmix import mixup_cutmix
+from mixflow.mix.patch_mixing import patch_mixing
+from mixflow.mix.resizemix import resizemix
 from mixflow.mix.smmix import smmix
 from mixflow.mix.transmix import transmix
 
@@ -42,6 +47,10 @@ METHODS: dict[str, Callable[..., Any]] = {
     "mixup": mixup,
     "cutmix": cutmix,
     "mixup_cutmix": mixup_cutmix,
+    "resizemix": resizemix,
+    "fmix": fmix,
+    "maskmix": maskmix,
+    "patch_mixing": patch_mixing,
     "transmix": transmix,
     "smmix": smmix,
     "manifold_mixup": manifold_mixup,
@@ -49,6 +58,8 @@ METHODS: dict[str, Callable[..., Any]] = {
     "mix3d": mix3d,
     "beat_sync_mixup": beat_sync_mixup,
 }
+# Per-batch choice among the methods above (DeiT: MixUp or CutMix); it looks names up in METHODS.
+METHODS["choice"] = functools.partial(method_choice, methods=METHODS)
 
 
 def build_mixer(method: str, num_classes: int, **params: Any) -> MixFn:
