@@ -31,7 +31,7 @@ from mixflow.runtime.summary import RankSummary, RunSummary
 from mixflow.runtime.trainer_actor import TrainerRank
 
 POLL_S = 0.5
-TEARDOWN_S = 10.0  # how long stopping waits for the ranks to leave their process groups
+TEARDOWN_S = 5.0  # how long stopping waits for the ranks to leave their process groups
 
 
 def prepare_shards(spec: PipelineSpec, console: Console | None = None) -> list[ShardInfo]:
@@ -146,7 +146,7 @@ class ImagePipeline:
             ray.get(list(producers))
             peaks = ray.get([ch.stats.remote() for ch in self.channels])
         except BaseException as exc:
-            self._stop(f"pipeline stopping: {exc}")
+            self._stop(f"pipeline stopping: {exc or type(exc).__name__}")
             raise
         self._stop()
         summary = RunSummary(spec.name, device, startup_s, wall_s, sum(r.samples for r in ranks),

@@ -35,7 +35,7 @@ from mixflow.runtime.stage_failure import stage_error
 from mixflow.runtime.token_producer import TokenProducer
 
 POLL_S = 0.5
-TEARDOWN_S = 10.0  # how long stopping waits for the ranks to leave their process groups
+TEARDOWN_S = 5.0  # how long stopping waits for the ranks to leave their process groups
 SHARDS_PER_DOMAIN = 8
 
 
@@ -201,7 +201,7 @@ class TokenPipeline:
             stats = ray.get(self.controller.stats.remote())
             reports = ray.get(self.controller.get_merged_log.remote())
         except BaseException as exc:
-            self._stop(f"pipeline stopping: {exc}")
+            self._stop(f"pipeline stopping: {exc or type(exc).__name__}")
             raise
         self._stop()
         ranks = sorted((results[r] for r in trainers), key=lambda r: r["rank"])
