@@ -434,6 +434,9 @@ class LMTrainerSpec(_Strict):
     heads: int = Field(4, ge=1)
     lr: float = Field(3e-3, gt=0)
     eval_every: int = Field(50, ge=0, description="Test-split evaluation every N steps on rank 0 (0: only at the end).")
+    grad_stats_every: int | None = Field(
+        None, ge=0, description="Report <grad L_val, grad L_d> every N steps (TiKMiX, DoGE). "
+                                "None: every 5 steps when the policy uses them, else never.")
     throttle: dict[int, float] = Field(default_factory=dict, description="Seconds of sleep per step by rank.")
 
 

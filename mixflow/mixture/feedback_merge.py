@@ -6,7 +6,8 @@ rank has sent the report with the same ``(kind, version, step)``; then
 - ``train_loss``: token-weighted mean over ranks per domain (NaN where no rank had the
   domain; unweighted mean when no token counts were given);
 - ``tokens`` / ``counts``: summed (the realised composition of the global batch);
-- ``eval_loss`` / ``grad_dot_val`` / ``ref_loss``: mean over the ranks that sent them.
+- ``eval_loss`` / ``grad_dot_val`` / ``ref_loss``: mean over the ranks that sent them
+  (per domain, over the ranks that had a value: NaN means "no data here").
 
 Pure and serialisable (``state_dict``), so the controller's half-merged reports survive
 its restart.
@@ -43,7 +44,11 @@ def _mean(reports: list[Feedback], name: str) -> np.ndarray | None:
     values = [getattr(r, name) for r in reports if getattr(r, name) is not None]
     if not values:
         return None
-    return np.mean(np.stack([np.asarray(v, dtype=np.float64) for v in values]), axis=0)
+    stacked = np.stack([np.asarray(v, dtype=np.float64) for v in values])
+    seen = ~np.isnan(stacked)
+    total = np.where(seen, stacked, 0.0).sum(axis=0)
+    n = seen.sum(axis=0)
+    return np.where(n > 0, total / np.maximum(n, 1), np.nan)
 
 
 def _sum(reports: list[Feedback], name: str) -> np.ndarray | None:

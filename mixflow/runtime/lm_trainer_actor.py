@@ -53,7 +53,8 @@ def domain_losses(model: torch.nn.Module | UnigramLM, sets: list[np.ndarray], pa
 class LMTrainerRank:
     def __init__(self, rank: int, world_size: int, channel, controller, model_cfg: dict, lr: float,
                  num_domains: int, val_sets: list, test_sets: list, seed: int, eval_every: int = 0,
-                 throttle_s: float = 0.0, pad_id: int | None = None, model_name: str = "byte_gpt"):
+                 throttle_s: float = 0.0, pad_id: int | None = None, model_name: str = "byte_gpt",
+                 grad_stats_every: int = 0):
         torch.set_num_threads(1)
         self.rank, self.world_size = rank, world_size
         self.controller = controller
@@ -67,6 +68,7 @@ class LMTrainerRank:
         self.throttle_s = throttle_s
         self.pad_id = pad_id
         self.model_name = model_name
+        self.grad_stats_every = grad_stats_every if model_name == "byte_gpt" else 0
         self.model = None
         self._progress = {"steps": 0, "tokens": 0, "loss": None}
 
@@ -97,10 +99,14 @@ class LMTrainerRank:
         steps, loss_sum = 0, 0.0
         for batch in feed:
             if not batch.empty:
+                grads = None
+                if self.grad_stats_every and batch.step % self.grad_stats_every == 0:
+                    grads = self._grad_dot_val(batch.tokens, batch.domains)
                 loss, per_seq = self._step(batch.tokens)
                 per_domain = per_domain_mean(per_seq, batch.domains, self.m)
                 seq_tokens = batch.tokens.shape[1] - 1
-                feed.report(batch.step, per_domain, batch.counts * seq_tokens, batch.version, batch.counts)
+                feed.report(batch.step, per_domain, batch.counts * seq_tokens, batch.version, batch.counts,
+                            grad_dot_val=grads)
                 steps += 1
                 loss_sum += loss.item()
                 self._progress.update(steps=steps, tokens=feed.tokens, loss=loss.item())
@@ -115,6 +121,21 @@ class LMTrainerRank:
         return {"rank": self.rank, "steps": steps, "tokens": feed.tokens, "keys": feed.keys,
                 "wait_s": feed.wait_s, "wall_s": wall, "mean_loss": loss_sum / max(steps, 1),
                 "test_loss": final, "curve": curve, "batches": feed.log}
+
+    def _grad_dot_val(self, tokens: torch.Tensor, domains: torch.Tensor) -> list[float]:
+        """``<grad L_val, grad L_d>`` per domain at the current weights (NaN for domains not in
+        the batch). ``torch.autograd.grad`` leaves ``.grad`` and DDP's reducer untouched."""
+        model = self.raw_model
+        params = [p for p in model.parameters() if p.requires_grad]
+        val = torch.from_numpy(np.concatenate([v[:4] for v in self.val_sets]).astype(np.int64))
+        g_val = torch.autograd.grad(per_sequence_loss(model, val, self.pad_id).mean(), params)
+        per_seq = per_sequence_loss(model, tokens, self.pad_id)
+        out = [math.nan] * self.m
+        present = torch.unique(domains).tolist()
+        for i, d in enumerate(present):
+            g_d = torch.autograd.grad(per_seq[domains == d].mean(), params, retain_graph=i < len(present) - 1)
+            out[d] = float(sum((a * b).sum() for a, b in zip(g_val, g_d)))
+        return out
 
     def _step(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.model, UnigramLM):

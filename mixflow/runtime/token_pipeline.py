@@ -37,6 +37,8 @@ from mixflow.runtime.token_producer import TokenProducer
 POLL_S = 0.5
 TEARDOWN_S = 5.0  # how long stopping waits for the ranks to leave their process groups
 SHARDS_PER_DOMAIN = 8
+GRADIENT_POLICIES = ("tikmix_d", "tikmix_m", "doge")  # consume Feedback.grad_dot_val
+GRAD_STATS_EVERY = 5
 
 
 def prepare_domains(spec: TokenPipelineSpec, console: Console | None = None) -> list[Path]:
@@ -157,12 +159,15 @@ class TokenPipeline:
         self.producers = [TokenProducer.remote(r, t.ranks, [str(d / "train") for d in domain_dirs], spec.data.seq_len,
                                                t.batch_size, spec.seed, spec.on_error, self.controller,
                                                self.channels[r]) for r in range(t.ranks)]
+        grad_every = t.grad_stats_every
+        if grad_every is None:
+            grad_every = GRAD_STATS_EVERY if spec.mixture.policy in GRADIENT_POLICIES else 0
         model_cfg = {"vocab_size": manifest.vocab_size, "seq_len": spec.data.seq_len, "d_model": t.d_model,
                      "layers": t.layers, "heads": t.heads}
         self.trainers = [LMTrainerRank.options(scheduling_strategy="SPREAD").remote(
             r, t.ranks, self.channels[r], self.controller, model_cfg, t.lr, m,
             [v[r::t.ranks] for v in val], test, spec.seed, t.eval_every, t.throttle.get(r, 0.0), pad_id,
-            t.model)
+            t.model, grad_every)
             for r in range(t.ranks)]
         master_addr, master_port = ray.get(self.trainers[0].address.remote())
         ray.get([tr.setup.remote(master_addr, master_port) for tr in self.trainers])
