@@ -4,7 +4,9 @@ Given the mixture a step must use, the batcher asks the
 :class:`~mixflow.mixture.schedule.ExactSchedule` for the step's domain ids (exact prefix
 counts per version), takes the next packed sequence from each chosen domain's
 :class:`~mixflow.data.token_source.TokenSource`, and tags the batch with the version
-and the counts realised, so feedback can be attributed exactly. An ``empty`` mixture
+and the counts realised, so feedback can be attributed exactly. Every batch also carries
+the batcher's state after it, so whoever consumed it knows where the stream resumes
+(batches produced but not consumed are built again, never lost). An ``empty`` mixture
 step (an evaluation-only step) gives a batch of zero sequences.
 """
 
@@ -47,7 +49,8 @@ class MixedTokenBatcher:
                 "num_tokens": np.asarray([s.num_tokens for s in seqs], np.int64),
                 "counts": np.bincount(domains, minlength=len(self.sources)).astype(np.int64),
                 "step": int(step), "version": int(mixture["version"]), "p": list(mixture["p"]),
-                "eval_after": bool(mixture.get("eval_after", False))}
+                "eval_after": bool(mixture.get("eval_after", False)),
+                "state": self.state_dict()}  # the state after this batch: a consumer's resume point
 
     def state_dict(self) -> dict[str, Any]:
         return {"sources": [s.state_dict() for s in self.sources], "schedule": self.schedule.state_dict()}

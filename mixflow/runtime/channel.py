@@ -1,10 +1,20 @@
 """Credit-based channels: one per trainer rank, bounded by item count AND bytes.
 
-Producers ``put`` a batch's ObjectRef (the data stays in Ray's object store) and
-wait until the channel has credit: fewer than ``max_items`` queued and the bytes
+Producers ``put`` a batch (or its ObjectRef wrapped in a list, so Ray does not resolve
+it) and wait until the channel has credit: fewer than ``max_items`` queued and the bytes
 queued plus this batch within ``max_bytes`` (a single batch larger than the bound
 is let through an empty channel so nothing can deadlock). A slow rank therefore
 slows exactly its own producers while every other rank's channel keeps flowing.
+
+A producer that may be restarted (the image mixer) ``open``s the channel with its
+start position and tags every ``put`` with the stream position after that batch
+(``epoch``, ``step``, ...). The channel keeps only the batch that comes next in the
+stream and drops a repeat, so a put sent by a producer that then died, and the same
+batch sent again by its restarted self, land once; ``open`` tells the restarted
+producer where the stream stands. Such a producer puts batches by value: the channel
+then holds them (in Ray's shared-memory object store, without copying them again), so
+queued batches outlive the producer; an ObjectRef would die with the producer that
+owns it.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ class Channel:
         self._pending = 0  # bytes of batches whose producer is waiting for credit
         self._cond = asyncio.Condition()
         self._error: str | None = None
+        self._produced: dict | None = None  # stream position after the last batch accepted (opened channels)
         self._stats = {"puts": 0, "gets": 0, "peak_items": 0, "peak_bytes": 0, "peak_in_flight": 0,
                        "max_batch_bytes": 0, "put_wait_s": 0.0, "get_wait_s": 0.0}
 
@@ -46,8 +57,27 @@ class Channel:
         if self._error is not None:
             raise PipelineError(f"channel {self.name} closed: {self._error}")
 
-    async def put(self, refs: list, nbytes: int) -> None:
-        """Enqueue ``refs[0]`` (an ObjectRef, wrapped so Ray does not resolve it) once credit allows."""
+    def open(self, start: dict) -> dict:
+        """Track the stream position, starting at ``start`` unless already tracked; returns the
+        position after the last batch accepted (where a restarted producer goes on)."""
+        if self._produced is None:
+            self._produced = dict(start)
+        return dict(self._produced)
+
+    def _follows(self, position: dict | None) -> bool:
+        """Whether the batch ending at ``position`` is the next one of the stream (always, untracked)."""
+        if self._produced is None or position is None:
+            return True
+        p = self._produced
+        return position["epoch"] == p["epoch"] and position["step"] == p["step"] + 1
+
+    async def put(self, item: Any, nbytes: int, position: dict | None = None) -> bool:
+        """Enqueue ``item`` (a batch, or ``[ObjectRef]`` of one) once credit allows.
+
+        ``position`` is the stream position after this batch; on an opened channel a batch
+        that is not the next one (a repeat from a restarted producer) is dropped. Returns
+        whether the batch was enqueued.
+        """
         start = time.perf_counter()
         async with self._cond:
             self._pending += nbytes
@@ -55,7 +85,11 @@ class Channel:
             await self._cond.wait_for(lambda: self._error is not None or self._has_credit(nbytes))
             self._pending -= nbytes
             self._check()
-            self._queue.append((BATCH, refs, nbytes))
+            if not self._follows(position):
+                return False
+            if position is not None and self._produced is not None:
+                self._produced = dict(position)
+            self._queue.append((BATCH, item, nbytes))
             self._bytes += nbytes
             self._items += 1
             s = self._stats
@@ -65,15 +99,24 @@ class Channel:
             s["max_batch_bytes"] = max(s["max_batch_bytes"], nbytes)
             s["put_wait_s"] += time.perf_counter() - start
             self._cond.notify_all()
+            return True
 
     async def end(self, info: dict | None = None) -> None:
-        """Mark the end of the producer's epoch (not counted against credit)."""
+        """Mark the end of the producer's epoch (not counted against credit).
+
+        On an opened channel ``info["epoch"]`` must be the epoch being produced (else the
+        marker is a repeat and is dropped); the position moves to the next epoch's start.
+        """
         async with self._cond:
+            if self._produced is not None:
+                if info is None or info.get("epoch") != self._produced["epoch"]:
+                    return
+                self._produced = {"epoch": info["epoch"] + 1, "step": 0, "cursor": 0, "starts": None}
             self._queue.append((END, info or {}, 0))
             self._cond.notify_all()
 
     async def get(self) -> tuple[str, Any, int]:
-        """Next ``("batch", [ref], nbytes)`` or ``("end", info, 0)``; raises if the channel failed."""
+        """Next ``("batch", item, nbytes)`` or ``("end", info, 0)``; raises if the channel failed."""
         start = time.perf_counter()
         async with self._cond:
             await self._cond.wait_for(lambda: self._error is not None or bool(self._queue))
@@ -99,12 +142,18 @@ class Channel:
 
 
 class ChannelReader:
-    """Trainer-side end of a channel: yields batch dicts, one ``get`` kept in flight ahead."""
+    """Trainer-side end of a channel: yields batch dicts, one ``get`` kept in flight ahead.
+
+    ``last`` is the batch most recently returned and ``end_info`` the payload of the
+    last end marker: what the trainer has consumed, for its position in the stream.
+    """
 
     def __init__(self, channel):
         self.channel = channel
         self._next = None
         self.wait_s = 0.0
+        self.last: dict | None = None
+        self.end_info: dict | None = None
 
     def get(self) -> dict | None:
         """The next batch of the epoch, or ``None`` at its end."""
@@ -113,9 +162,11 @@ class ChannelReader:
         kind, payload, _ = ray.get(request)
         if kind == END:
             self._next = None
+            self.end_info = payload
             self.wait_s += time.perf_counter() - start
             return None
         self._next = self.channel.get.remote()
-        batch = ray.get(payload[0])
+        batch = ray.get(payload[0]) if isinstance(payload, list) else payload
+        self.last = batch
         self.wait_s += time.perf_counter() - start
         return batch

@@ -1,34 +1,39 @@
-"""Reader/decoder actor: wraps one :class:`~mixflow.decode.decode_stage.DecodeStage`."""
+"""Reader/decoder actor: wraps one :class:`~mixflow.decode.decode_stage.DecodeStage`.
+
+Requests name the batch (``batch(epoch, index)``), so the actor holds no position
+that could be lost: it is created restartable (``max_restarts``) with its calls
+retried (``max_task_retries``), and a restarted actor, on this node or another,
+answers the retried request with exactly the batch the dead one would have sent.
+"""
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import ray
 
 from mixflow.config import PipelineSpec
 from mixflow.data.listing import ShardInfo
 from mixflow.decode.decode_stage import DecodeStage
 
+RESTARTS = {"max_restarts": -1, "max_task_retries": -1}  # restart forever; requests are idempotent
 
-@ray.remote(num_cpus=0)
+
+@ray.remote(num_cpus=0, **RESTARTS)
 class DecoderActor:
-    def __init__(self, spec_json: str, shards: list[ShardInfo], reader: int, num_readers: int, device: str):
+    def __init__(self, spec_json: str, shards: list[ShardInfo], reader: int, num_readers: int, device: str,
+                 first_epoch: int = 0, epoch_orders: dict[int, np.ndarray] | None = None):
         spec = PipelineSpec.model_validate_json(spec_json)
         self.stage = DecodeStage(shards, reader, num_readers, spec.decode, spec.trainer.batch_size,
                                  spec.data.num_classes, spec.seed, spec.data.shuffle_window, spec.on_error,
-                                 device)
-        self.stage.warm_up()
+                                 device, epoch_orders)
+        self.stage.warm_up(first_epoch)
 
-    def start_epoch(self, epoch: int) -> int:
-        """Position the reader at the start of ``epoch``; returns its sample count."""
-        self.stage.start_epoch(epoch)
-        return len(self.stage.source)
+    def batch(self, epoch: int, index: int, start: int | None = None) -> dict | None:
+        """Batch ``index`` of ``epoch`` (``None`` past the end); see :meth:`DecodeStage.batch`."""
+        return self.stage.batch(epoch, index, start)
 
-    def next_batch(self) -> dict | None:
-        return self.stage.next_batch()
-
-    def skipped(self, epoch: int) -> list:
-        """Quarantine records of ``epoch`` (taken out; later epochs' records stay)."""
-        return self.stage.policy.drain(epoch)
-
-    def state_dict(self) -> dict:
-        return self.stage.state_dict()
+    def placement(self) -> dict:
+        """Where this actor runs now (node id and process id): a restart changes the pid."""
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}

@@ -5,6 +5,16 @@ each epoch), one mixer actor and one credit-based channel, so a slow rank only s
 its own producers. Mixers produce straight through all epochs; the driver walks the
 trainer ranks epoch by epoch, shows progress, and checks the delivery ledger at the
 end of each epoch.
+
+Checkpoint and resume (:mod:`mixflow.runtime.image_checkpoint`): ``state_dict()`` is
+built from what the trainers consumed; ``ImagePipeline(spec, resume_from=state)``
+continues the exact stream (same ranks and readers per rank) or, with other
+numbers, re-splits the rest of the epoch (elastic: nothing lost or repeated, order
+differs). ``run(stop_at=(epoch, step))`` stops once every rank consumed ``step``
+batches of ``epoch``, saving the state and each rank's model checkpoint in the run
+directory. Readers and mixers are restartable Ray actors whose requests name the
+batch, so killing one (or losing the node that runs readers) loses and repeats
+nothing; the ledger of every epoch says so.
 """
 
 from __future__ import annotations
@@ -16,11 +26,12 @@ import ray
 from rich.console import Console
 
 from mixflow.config import PipelineSpec
-from mixflow.data.bad_samples import SkipRecord, write_quarantine
+from mixflow.data.bad_samples import BadSamplePolicy, SkipRecord, write_quarantine
 from mixflow.data.demo_sets import build_demo
 from mixflow.data.listing import ShardInfo, dataset_keys, list_shards
 from mixflow.decode.device import resolve_decode_device
 from mixflow.runtime.channel import Channel
+from mixflow.runtime import image_checkpoint as ckpt
 from mixflow.runtime.decoder_actor import DecoderActor
 from mixflow.runtime.ledger import EpochLedger, check_epoch
 from mixflow.runtime.mixer_actor import MixerActor
@@ -34,20 +45,38 @@ POLL_S = 0.5
 TEARDOWN_S = 5.0  # how long stopping waits for the ranks to leave their process groups
 
 
-def prepare_shards(spec: PipelineSpec, console: Console | None = None) -> list[ShardInfo]:
-    """List the spec's shards, building the demo set first if asked and absent."""
+def prepare_shards(spec: PipelineSpec, console: Console | None = None,
+                   policy: BadSamplePolicy | None = None) -> list[ShardInfo]:
+    """List the spec's shards, building the demo set first if asked and absent; unusable shards
+    go through ``policy`` (raise when None)."""
     shard_dir = Path(spec.data.shards)
     if spec.data.demo and not any(shard_dir.glob("*.tar")):
         if console:
             console.print(f"building demo set '{spec.data.demo}' into {shard_dir}")
         build_demo(spec.data.demo, shard_dir, max_bytes=spec.data.shard_size)
-    return list_shards(shard_dir)
+    return list_shards(shard_dir, policy)
 
 
 class ImagePipeline:
+    """``resume_from``: a state from :meth:`state_dict` (or the path of one saved as JSON).
+    ``actor_options``: extra Ray ``.options()`` per actor kind (``"decoder"``, ``"mixer"``,
+    ``"trainer"``, ``"channel"``), e.g. ``{"decoder": {"resources": {"storage": 0.01}}}`` to
+    place the readers on the nodes that hold the data."""
+
+    ACTOR_KINDS = ("decoder", "mixer", "trainer", "channel")
+
     def __init__(self, spec: PipelineSpec, console: Console | None = None, show_progress: bool = True,
-                 record_digests: bool = False):
+                 record_digests: bool = False, resume_from: dict | str | Path | None = None,
+                 actor_options: dict[str, dict] | None = None):
+        unknown = set(actor_options or {}) - set(self.ACTOR_KINDS)
+        if unknown:
+            raise ValueError(f"actor_options: unknown actor kind(s) {sorted(unknown)}; "
+                             f"allowed: {', '.join(self.ACTOR_KINDS)}")
         self.spec = spec
+        self.resume_from = ckpt.load_state(resume_from) if isinstance(resume_from, (str, Path)) else resume_from
+        self.actor_options = {kind: dict((actor_options or {}).get(kind, {})) for kind in self.ACTOR_KINDS}
+        self._state: dict | None = None
+        self._shards: list[ShardInfo] = []
         self.record_digests = record_digests
         self.digests: dict[int, list] = {}
         self.console = console or Console()
@@ -60,20 +89,55 @@ class ImagePipeline:
     def _gpus_in_cluster(self) -> bool:
         return ray.cluster_resources().get("GPU", 0) > 0
 
-    def _start_actors(self, shards: list[ShardInfo], device: str) -> None:
+    def _start_state(self, shards: list[ShardInfo]) -> dict:
+        """Where this run starts: the beginning, or the resumed state (re-cut when elastic)."""
+        if self.resume_from is None:
+            return ckpt.initial_state(self.spec, shards)
+        ckpt.check_resumable(self.resume_from, self.spec, shards)
+        return ckpt.elastic_state(self.resume_from, self.spec, shards)
+
+    def _start_actors(self, shards: list[ShardInfo], device: str, state: dict) -> None:
         spec, ranks, k = self.spec, self.spec.trainer.ranks, self.spec.runtime.readers_per_rank
         spec_json = spec.model_dump_json()
+        opts = self.actor_options
         gpu = {"num_gpus": 0.1} if device == "gpu" else {}
-        self.channels = [Channel.remote(f"r{r}", spec.channel.max_items, spec.channel.max_bytes)
-                         for r in range(ranks)]
-        self.decoders = [DecoderActor.options(scheduling_strategy="SPREAD", **gpu).remote(
-            spec_json, shards, reader, ranks * k, device) for reader in range(ranks * k)]
-        self.mixers = [MixerActor.remote(spec_json, r, self.decoders[r * k:(r + 1) * k], self.channels[r])
-                       for r in range(ranks)]
-        self.trainers = [TrainerRank.options(scheduling_strategy="SPREAD").remote(
-            spec_json, r, ranks, self.channels[r], self.record_digests) for r in range(ranks)]
+        self.channels = [Channel.options(**opts["channel"]).remote(f"r{r}", spec.channel.max_items,
+                                                                   spec.channel.max_bytes) for r in range(ranks)]
+        orders = ckpt.reader_orders(state, shards)
+        self.decoders = [DecoderActor.options(**{"scheduling_strategy": "SPREAD", **gpu, **opts["decoder"]}).remote(
+            spec_json, shards, reader, ranks * k, device, state["epoch"], orders[reader])
+            for reader in range(ranks * k)]
+        self.mixers = [MixerActor.options(**opts["mixer"]).remote(
+            spec_json, r, self.decoders[r * k:(r + 1) * k], self.channels[r], state["rank_states"][r]["position"])
+            for r in range(ranks)]
+        context = {"cuts": state["cuts"], "skipped_before_cuts": state["skipped_before_cuts"]}
+        self.trainers = [TrainerRank.options(**{"scheduling_strategy": "SPREAD", **opts["trainer"]}).remote(
+            spec_json, r, ranks, self.channels[r], self.record_digests, {**state["rank_states"][r], **context})
+            for r in range(ranks)]
+        saved = state.get("checkpoints") if spec.trainer.model != "none" else None
+        if saved and len(saved) != ranks:
+            saved = [saved[0]] * ranks  # elastic: data-parallel ranks hold the same weights
         master_addr, master_port = ray.get(self.trainers[0].address.remote())
-        ray.get([t.setup.remote(master_addr, master_port) for t in self.trainers])
+        ray.get([t.setup.remote(master_addr, master_port, saved[r] if saved else None)
+                 for r, t in enumerate(self.trainers)])
+
+    def state_dict(self) -> dict:
+        """The pipeline state: from the trainers while running, else as the last run left it."""
+        if self.trainers:
+            return ckpt.build_state(self.spec, self._shards,
+                                    ray.get([t.stream_state.remote() for t in self.trainers]))
+        if self._state is None:
+            raise ValueError("state_dict: the pipeline has not run yet")
+        return self._state
+
+    def _checkpoint(self, run_dir: Path) -> dict:
+        """Every rank saves model + stream state (one call each); the state is saved beside them."""
+        paths = ray.get([t.save_checkpoint.remote(str(run_dir / "checkpoints" / f"rank{r}.pt"))
+                         for r, t in enumerate(self.trainers)])
+        state = ckpt.build_state(self.spec, self._shards, ray.get([t.stream_state.remote() for t in self.trainers]),
+                                 paths if self.spec.trainer.model != "none" else None)
+        ckpt.save_state(state, run_dir / "pipeline_state.json")
+        return state
 
     def _stop(self, reason: str | None = None) -> None:
         if reason:
@@ -106,30 +170,45 @@ class ImagePipeline:
             progress.update(sum(p["samples"] for p in prog), stats, [p["loss"] for p in prog])
         return results
 
-    def run(self) -> RunSummary:
+    def run(self, stop_at: tuple[int, int] | None = None) -> RunSummary:
+        """Run to the end of ``trainer.epochs``, or, with ``stop_at=(epoch, step)``, until every rank
+        has consumed ``step`` batches of ``epoch`` (or all of it): then the state and the ranks'
+        checkpoints are saved in the run directory (``pipeline_state.json``, ``checkpoints/``) and
+        the run stops. The summary's ledgers cover the epochs completed in this run."""
         spec = self.spec
-        shards = prepare_shards(spec, self.console)
-        expected = set(dataset_keys(shards))
+        listing = BadSamplePolicy(spec.on_error)
+        shards = prepare_shards(spec, self.console, listing)
+        # Shard-wide losses found by the listing (records without an epoch): their keys miss every epoch.
+        listed = listing.drain()
+        lost = sorted(r.key for r in listed if r.key is not None)
+        self._shards = shards
+        state = self._start_state(shards)
+        if stop_at is not None and not (state["epoch"] <= stop_at[0] < spec.trainer.epochs and stop_at[1] >= 0):
+            raise ValueError(f"stop_at: epoch must be in {state['epoch']}..{spec.trainer.epochs - 1} and step >= 0, "
+                             f"got {stop_at}")
+        last_epoch = stop_at[0] if stop_at is not None else spec.trainer.epochs - 1
+        expected = set(dataset_keys(shards)) | set(lost)
         ensure_ray(spec.runtime.address)
         device = resolve_decode_device(spec.decode.device, self._gpus_in_cluster())
         run_dir = spec.run_path
         ranks = [RankSummary(r) for r in range(spec.trainer.ranks)]
         ledgers: list[EpochLedger] = []
-        skipped: list[SkipRecord] = []
+        skipped: list[SkipRecord] = list(listed)
         start = time.perf_counter()
         try:
-            self._start_actors(shards, device)
+            self._start_actors(shards, device, state)
             startup_s = time.perf_counter() - start
             start = time.perf_counter()
-            total = len(expected) * spec.trainer.epochs
+            total = len(expected) * (last_epoch + 1 - state["epoch"])
             with PipelineProgress(total, self.show_progress, self.console) as progress:
-                producers = {m.run.remote(0, spec.trainer.epochs): f"mixer r{r}" for r, m in enumerate(self.mixers)}
-                for epoch in range(spec.trainer.epochs):
-                    consumers = {t.run_epoch.remote(epoch): f"trainer r{r} (epoch {epoch})"
+                producers = {m.run.remote(last_epoch): f"mixer r{r}" for r, m in enumerate(self.mixers)}
+                for epoch in range(state["epoch"], last_epoch + 1):
+                    stop_step = stop_at[1] if stop_at is not None and epoch == stop_at[0] else None
+                    consumers = {t.run_epoch.remote(epoch, stop_step): f"trainer r{r} (epoch {epoch})"
                                  for r, t in enumerate(self.trainers)}
                     results = self._wait(producers | consumers, progress, set(consumers))
                     trainer_results = [results[r] for r in consumers]
-                    epoch_skips = [rec for d in self.decoders for rec in ray.get(d.skipped.remote(epoch))]
+                    epoch_skips = [rec for res in trainer_results for rec in res["skipped"]]
                     skipped += epoch_skips
                     for res in trainer_results:
                         self.digests.setdefault(res["rank"], []).extend(res["digests"])
@@ -140,11 +219,21 @@ class ImagePipeline:
                         rs.wall_s += res["wall_s"]
                         if res["mean_loss"] is not None:
                             rs.epoch_loss.append(res["mean_loss"])
+                    if stop_step is not None:
+                        break
+                    if epoch == state["epoch"]:  # what this epoch delivered before the resumed state
+                        epoch_skips = ckpt.skipped_records(state) + epoch_skips
+                        before = ckpt.delivered_before(state, shards)
+                    else:
+                        before = []
                     ledgers.append(check_epoch(epoch, expected, {r["rank"]: r["keys"] for r in trainer_results},
-                                               [s.key for s in epoch_skips if s.key is not None]))
+                                               [s.key for s in epoch_skips if s.key is not None] + lost, before))
             wall_s = time.perf_counter() - start
-            ray.get(list(producers))
+            if stop_at is None:
+                ray.get(list(producers))
             peaks = ray.get([ch.stats.remote() for ch in self.channels])
+            self._state = self._checkpoint(run_dir) if stop_at is not None else ckpt.build_state(
+                spec, shards, ray.get([t.stream_state.remote() for t in self.trainers]))
         except BaseException as exc:
             self._stop(f"pipeline stopping: {exc or type(exc).__name__}")
             raise

@@ -1,4 +1,9 @@
-"""The delivery ledger: proves each key of an epoch reached exactly one rank exactly once."""
+"""The delivery ledger: proves each key of an epoch reached exactly one rank exactly once.
+
+For an epoch resumed from a checkpoint, the keys delivered before the checkpoint (known
+from the saved state) are counted with the ones delivered after it, so a key sent both
+before and after (a replay that should not have happened) shows up as a duplicate.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ class EpochLedger:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    before_resume: int = 0  # keys delivered before the checkpoint this epoch was resumed from
 
     @property
     def exactly_once(self) -> bool:
@@ -24,6 +30,7 @@ class EpochLedger:
     def describe(self) -> str:
         if self.exactly_once:
             return (f"epoch {self.epoch}: {self.delivered} keys delivered exactly once"
+                    + (f" ({self.before_resume} before the resume)" if self.before_resume else "")
                     + (f", {len(self.skipped)} skipped (quarantined)" if self.skipped else ""))
         parts = [f"epoch {self.epoch}: delivery NOT exactly-once"]
         for name in ("duplicates", "missing", "unexpected"):
@@ -34,9 +41,10 @@ class EpochLedger:
 
 
 def check_epoch(epoch: int, expected_keys: set[str], per_rank_keys: dict[int, list[str]],
-                skipped_keys: list[str]) -> EpochLedger:
-    """Compare what ranks received with the dataset minus what was skipped (and recorded)."""
-    counts = Counter(k for keys in per_rank_keys.values() for k in keys)
+                skipped_keys: list[str], before_resume: list[str] = ()) -> EpochLedger:
+    """Compare what ranks received (plus ``before_resume``, the keys delivered in this epoch
+    before the checkpoint it was resumed from) with the dataset minus what was skipped."""
+    counts = Counter(k for keys in [*per_rank_keys.values(), before_resume] for k in keys)
     skipped = set(skipped_keys)
     should = expected_keys - skipped
     return EpochLedger(
@@ -48,4 +56,5 @@ def check_epoch(epoch: int, expected_keys: set[str], per_rank_keys: dict[int, li
         missing=sorted(should - counts.keys()),
         unexpected=sorted(k for k in counts if k not in should),
         skipped=sorted(skipped),
+        before_resume=len(before_resume),
     )

@@ -70,6 +70,8 @@ class LMTrainerRank:
         self.model_name = model_name
         self.grad_stats_every = grad_stats_every if model_name == "byte_gpt" else 0
         self.model = None
+        self.feed: TokenFeed | None = None
+        self._reports: list = []
         self._progress = {"steps": 0, "tokens": 0, "loss": None}
 
     def address(self) -> tuple[str, int]:
@@ -90,10 +92,31 @@ class LMTrainerRank:
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.01)
 
     def _send(self, kind: str, message: dict) -> None:
-        self.controller.report.remote(self.rank, kind, message)
+        self._reports.append(self.controller.report.remote(self.rank, kind, message))
+        if len(self._reports) > 64:  # keep the list short; completed reports need no tracking
+            done, self._reports = ray.wait(self._reports, num_returns=len(self._reports), timeout=0)
 
-    def run(self) -> dict:
-        feed = TokenFeed(self.reader, self._send)
+    def checkpoint(self) -> dict:
+        """Model, optimizer and stream position together: what a resumed rank needs (one call)."""
+        if isinstance(self.model, UnigramLM):
+            model = {"counts": self.model.counts.clone()}
+            optim = None
+        else:
+            model = {k: v.clone() for k, v in self.raw_model.state_dict().items()}
+            optim = self.optimizer.state_dict()
+        return {"rank": self.rank, "feed": self.feed.state_dict() if self.feed else None,
+                "model": model, "optimizer": optim}
+
+    def restore(self, checkpoint: dict) -> None:
+        if isinstance(self.model, UnigramLM):
+            self.model.counts = checkpoint["model"]["counts"].clone()
+            return
+        self.raw_model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+
+    def run(self, stop_after: int | None = None) -> dict:
+        """Train on the feed to its end, or until global step ``stop_after - 1`` was consumed."""
+        feed = self.feed = TokenFeed(self.reader, self._send)
         start = time.perf_counter()
         curve: list[dict] = []
         steps, loss_sum = 0, 0.0
@@ -116,6 +139,9 @@ class LMTrainerRank:
                 curve.append({"step": steps, "test_loss": domain_losses(self.raw_model, self.test_sets, self.pad_id)})
             if self.throttle_s:
                 time.sleep(self.throttle_s)
+            if stop_after is not None and batch.step + 1 >= stop_after:
+                break
+        ray.get(self._reports)  # every report of a consumed step has reached the controller
         wall = time.perf_counter() - start
         final = domain_losses(self.raw_model, self.test_sets, self.pad_id) if self.rank == 0 else None
         return {"rank": self.rank, "steps": steps, "tokens": feed.tokens, "keys": feed.keys,

@@ -9,7 +9,9 @@ The controller is also the step clock that keeps the ranks in agreement: a produ
 asks ``mixture_for_step(step)`` before building its batch of global step ``step``; the
 first rank to ask fixes which version that step uses (the current one, at once — no
 trainer stalls for a policy update), and every other rank gets the same answer, so the
-ranks' batches of one step always share a version and their reports merge. When a
+ranks' batches of one step always share a version and their reports merge. Assignments
+are kept until the step's training reports have merged, so a resumed or restarted
+producer asking again for a step gets the same answer. When a
 mixture is limited to ``steps`` batches (Aioli's LearnParams sweeps), the step after
 them waits until the policy has published the next version; the last of them carries
 ``eval_after`` (a mixture of ``steps=0`` gives one empty step that only evaluates).
@@ -49,7 +51,7 @@ def feedback_from(message: dict[str, Any]) -> Feedback:
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class MixtureController:
     def __init__(self, policy_name: str, policy_params: dict, num_domains: int, world_size: int,
-                 state_path: str | None = None):
+                 state_path: str | None = None, initial_state: dict | None = None):
         from mixflow.mixture.registry import build_policy
 
         self.policy: MixturePolicy = build_policy(policy_name, num_domains, **policy_params)
@@ -61,10 +63,14 @@ class MixtureController:
         self.restored = False
         self.merged_log: list[dict[str, Any]] = []  # every merged report: kind, version, step, counts
         self._changed = asyncio.Condition()
-        self._assigned: dict[int, dict[str, Any]] = {}  # step -> mixture message, until every rank asked
-        self._asked: dict[int, int] = {}
+        # step -> mixture message, kept until every rank's training report of that step has
+        # merged (then every rank has consumed it and no resume can ask for it again)
+        self._assigned: dict[int, dict[str, Any]] = {}
         self._used: dict[int, int] = {}  # version -> steps assigned to it
-        if self.state_path and self.state_path.exists():
+        if initial_state is not None:
+            self._load(initial_state)
+            self.restored = True
+        elif self.state_path and self.state_path.exists():
             self._load(json.loads(self.state_path.read_text()))
             self.restored = True
         else:
@@ -90,11 +96,7 @@ class MixtureController:
                 msg["eval_after"] = mix.eval_after and (mix.steps is not None and used + 1 >= mix.steps)
                 self._assigned[step] = msg
                 self._save()
-        msg = self._assigned[step]
-        self._asked[step] = self._asked.get(step, 0) + 1
-        if self._asked[step] >= self.merger.world_size:
-            del self._assigned[step], self._asked[step]
-        return msg
+        return self._assigned[step]
 
     def _has_steps_left(self) -> bool:
         mix = self.policy.mixture()
@@ -108,6 +110,9 @@ class MixtureController:
             return False
         self.merged_log.append({"kind": kind, "version": merged.version, "step": merged.step,
                                 "counts": None if merged.counts is None else merged.counts.tolist()})
+        if kind == "train":
+            for old in [s for s in self._assigned if s <= merged.step]:
+                del self._assigned[old]
         start = time.perf_counter()
         if merged.version != self.policy.mixture().version:
             self.stale_reports += 1
@@ -137,7 +142,6 @@ class MixtureController:
         return {"policy": _plain(self.policy.state_dict()), "merger": self.merger.state_dict(),
                 "trajectory": self.trajectory, "stale_reports": self.stale_reports,
                 "assigned": {str(k): v for k, v in self._assigned.items()},
-                "asked": {str(k): v for k, v in self._asked.items()},
                 "used": {str(k): v for k, v in self._used.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -149,7 +153,6 @@ class MixtureController:
         self.trajectory = list(state["trajectory"])
         self.stale_reports = int(state["stale_reports"])
         self._assigned = {int(k): v for k, v in state["assigned"].items()}
-        self._asked = {int(k): v for k, v in state["asked"].items()}
         self._used = {int(k): v for k, v in state["used"].items()}
 
     def _save(self) -> None:

@@ -42,17 +42,20 @@ GRAD_STATS_EVERY = 5
 
 
 def prepare_domains(spec: TokenPipelineSpec, console: Console | None = None) -> list[Path]:
-    """The domain directories under ``data.shards`` (each with ``train/`` and ``validation/``),
-    building the machine's text domains there first when it holds none and the spec asks."""
+    """The domain directories under ``data.shards`` (each with ``train/`` and ``validation/``):
+    those named by ``data.machine_domains`` (built from this machine's text when absent), or
+    else every domain found there."""
     root = Path(spec.data.shards)
-    found = sorted(d for d in root.glob("*") if (d / "train" / MANIFEST).is_file())
-    if found:
-        return found
     if not spec.data.machine_domains:
-        raise DataError(f"no token domains (<domain>/train/{MANIFEST}) and data.machine_domains is not set",
-                        shard=str(root))
+        found = sorted(d for d in root.glob("*") if (d / "train" / MANIFEST).is_file())
+        if not found:
+            raise DataError(f"no token domains (<domain>/train/{MANIFEST}) and data.machine_domains is not set",
+                            shard=str(root))
+        return found
     shard_bytes = max(4096, spec.data.max_bytes_per_domain * 4 // SHARDS_PER_DOMAIN)
     for name in spec.data.machine_domains:
+        if (root / name / "train" / MANIFEST).is_file():
+            continue
         if console:
             console.print(f"building text domain '{name}' into {root / name}")
         docs = machine_documents(name, spec.data.max_bytes_per_domain)
@@ -132,8 +135,11 @@ class TokenRunSummary:
 
 
 class TokenPipeline:
-    def __init__(self, spec: TokenPipelineSpec, console: Console | None = None, show_progress: bool = True):
+    def __init__(self, spec: TokenPipelineSpec, console: Console | None = None, show_progress: bool = True,
+                  resume_from: dict | None = None):
         self.spec = spec
+        self.resume_from = resume_from
+        self.state: dict | None = None  # set by run(stop_after=...): the checkpoint to resume from
         self.console = console or Console()
         self.show_progress = show_progress
         self.controller = None
@@ -147,18 +153,22 @@ class TokenPipeline:
         run_dir.mkdir(parents=True, exist_ok=True)
         state_path = run_dir / "controller_state.json"
         state_path.unlink(missing_ok=True)
+        resume = self.resume_from
         params = dict(spec.mixture.params)
         if spec.mixture.floor:
             params["floor"] = spec.mixture.floor
         m = len(domain_dirs)
         manifest = read_manifest(domain_dirs[0] / "train")
         pad_id = manifest.pad_id
-        self.controller = MixtureController.remote(spec.mixture.policy, params, m, t.ranks, str(state_path))
+        self.controller = MixtureController.remote(spec.mixture.policy, params, m, t.ranks, str(state_path),
+                                                   resume["controller"] if resume else None)
         self.channels = [Channel.remote(f"r{r}", spec.channel.max_items, spec.channel.max_bytes)
                          for r in range(t.ranks)]
         self.producers = [TokenProducer.remote(r, t.ranks, [str(d / "train") for d in domain_dirs], spec.data.seq_len,
                                                t.batch_size, spec.seed, spec.on_error, self.controller,
-                                               self.channels[r]) for r in range(t.ranks)]
+                                               self.channels[r],
+                                               resume["ranks"][r]["feed"]["producer"] if resume else None)
+                          for r in range(t.ranks)]
         grad_every = t.grad_stats_every
         if grad_every is None:
             grad_every = GRAD_STATS_EVERY if spec.mixture.policy in GRADIENT_POLICIES else 0
@@ -171,6 +181,8 @@ class TokenPipeline:
             for r in range(t.ranks)]
         master_addr, master_port = ray.get(self.trainers[0].address.remote())
         ray.get([tr.setup.remote(master_addr, master_port) for tr in self.trainers])
+        if resume:
+            ray.get([tr.restore.remote(resume["ranks"][r]) for r, tr in enumerate(self.trainers)])
 
     def _stop(self, reason: str | None = None) -> None:
         if reason:
@@ -185,8 +197,13 @@ class TokenPipeline:
             ray.kill(actor, no_restart=True)
         self.trainers, self.producers, self.channels, self.controller = [], [], [], None
 
-    def run(self) -> TokenRunSummary:
+    def run(self, stop_after: int | None = None) -> TokenRunSummary:
+        """Run to ``trainer.steps``; with ``stop_after``, stop once every rank consumed global step
+        ``stop_after - 1`` and keep the checkpoint in ``self.state`` (see :meth:`save_checkpoint`)."""
         spec, t = self.spec, self.spec.trainer
+        first_step = self._check_resume()
+        if stop_after is not None and not first_step < stop_after < t.steps:
+            raise ValueError(f"stop_after must be in ({first_step}, {t.steps}), got {stop_after}")
         domain_dirs = prepare_domains(spec, self.console)
         val, test = held_out_sets(domain_dirs, spec.data.seq_len, spec.data.eval_sequences)
         ensure_ray(spec.runtime.address)
@@ -195,13 +212,17 @@ class TokenPipeline:
             self._start_actors(domain_dirs, val, test)
             startup_s = time.perf_counter() - start
             start = time.perf_counter()
-            producers = {p.run.remote(0, t.steps): f"producer r{r}" for r, p in enumerate(self.producers)}
-            trainers = {tr.run.remote(): f"trainer r{r}" for r, tr in enumerate(self.trainers)}
-            total = t.steps * t.ranks * t.batch_size * spec.data.seq_len
+            producers = {p.run.remote(first_step, t.steps): f"producer r{r}" for r, p in enumerate(self.producers)}
+            trainers = {tr.run.remote(stop_after): f"trainer r{r}" for r, tr in enumerate(self.trainers)}
+            total = ((stop_after or t.steps) - first_step) * t.ranks * t.batch_size * spec.data.seq_len
             with PipelineProgress(total, self.show_progress, self.console, unit="tokens") as progress:
                 results = self._wait(producers | trainers, set(trainers), progress)
             wall_s = time.perf_counter() - start
-            produced = ray.get(list(producers))
+            if stop_after is not None:
+                self.state = self._checkpoint(stop_after)
+                produced = [{"skipped": []}]  # producers are stopped mid-stream below
+            else:
+                produced = ray.get(list(producers))
             trajectory = ray.get(self.controller.get_trajectory.remote())
             stats = ray.get(self.controller.stats.remote())
             reports = ray.get(self.controller.get_merged_log.remote())
@@ -219,6 +240,34 @@ class TokenPipeline:
         if skipped:
             write_quarantine(spec.run_path / "quarantine.jsonl", skipped)
         return summary
+
+    def _checkpoint(self, step: int) -> dict:
+        ranks = ray.get([tr.checkpoint.remote() for tr in self.trainers])
+        for r in ranks:
+            if r["feed"]["step"] != step - 1:
+                raise PipelineError(f"rank {r['rank']} stopped after step {r['feed']['step']}, not {step - 1}")
+        return {"format": "mixflow-token-pipeline/1", "name": self.spec.name, "seed": self.spec.seed,
+                "ranks_count": self.spec.trainer.ranks, "step": step,
+                "controller": ray.get(self.controller.state_dict.remote()), "ranks": ranks}
+
+    def _check_resume(self) -> int:
+        state = self.resume_from
+        if state is None:
+            return 0
+        if state.get("format") != "mixflow-token-pipeline/1":
+            raise ValueError("resume_from is not a mixflow token pipeline checkpoint")
+        for key, value in (("seed", self.spec.seed), ("ranks_count", self.spec.trainer.ranks)):
+            if state[key] != value:
+                raise ValueError(f"checkpoint has {key}={state[key]}, the spec has {key}={value}")
+        return int(state["step"])
+
+    def save_checkpoint(self, path: str | Path) -> None:
+        """Write the checkpoint of a stopped run (torch.save: model tensors included)."""
+        import torch
+
+        if self.state is None:
+            raise ValueError("no checkpoint: run(stop_after=...) first")
+        torch.save(self.state, path)
 
     def _wait(self, refs: dict, until_done: set, progress: PipelineProgress) -> dict:
         results: dict = {}

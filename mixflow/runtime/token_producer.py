@@ -24,12 +24,14 @@ from mixflow.seeding import numpy_rng
 @ray.remote(num_cpus=0)
 class TokenProducer:
     def __init__(self, rank: int, world_size: int, domain_dirs: list[str], seq_len: int, batch_size: int,
-                 seed: int, on_error: str, controller, channel):
+                 seed: int, on_error: str, controller, channel, state: dict | None = None):
         self.rank = rank
         self.policy = BadSamplePolicy(on_error)
         sources = [TokenSource(d, seq_len, seed=seed, reader=rank, num_readers=world_size, policy=self.policy)
                    for d in domain_dirs]
-        self.batcher = MixedTokenBatcher(sources, ExactSchedule(len(sources), numpy_rng(seed, 0, "schedule", rank)), batch_size)
+        self.batcher = MixedTokenBatcher(sources, ExactSchedule(len(sources), numpy_rng(seed, 0, "schedule", rank), rule="tijdeman"), batch_size)
+        if state is not None:
+            self.batcher.load_state_dict(state)
         self.controller = controller
         self.channel = channel
         self.progress = {"steps": 0, "sequences": 0, "put_wait_s": 0.0, "mixture_wait_s": 0.0}

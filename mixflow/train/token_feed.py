@@ -11,6 +11,7 @@ gives the feed (so this module needs no Ray).
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +57,9 @@ class TokenFeed:
         self.keys: list[str] = []
         self.wait_s = 0.0
         self.tokens = 0
-        self.log: list[dict[str, Any]] = []  # per batch: step, version, counts, p
+        self.log: list[dict[str, Any]] = []  # per batch: step, version, counts, p, keys, tokens crc32
+        self.last_step: int | None = None
+        self.producer_state: dict[str, Any] | None = None
 
     def __iter__(self) -> Iterator[TokenBatch]:
         while True:
@@ -70,10 +73,17 @@ class TokenFeed:
             self.tokens += int(tokens.shape[0] * max(tokens.shape[1] - 1, 0))
             domains = torch.from_numpy(np.array(batch["domains"], dtype=np.int64)).to(self.device)
             self.log.append({"step": int(batch["step"]), "version": int(batch["version"]),
-                             "counts": np.asarray(batch["counts"]).tolist(), "p": list(batch["p"])})
+                             "counts": np.asarray(batch["counts"]).tolist(), "p": list(batch["p"]),
+                             "keys": list(batch["keys"]), "crc": zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())})
+            self.last_step = int(batch["step"])
+            self.producer_state = batch.get("state")
             yield TokenBatch(tokens, domains,
                              list(batch["keys"]), int(batch["step"]), int(batch["version"]),
                              np.asarray(batch["counts"]), bool(batch["eval_after"]))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this rank's stream resumes: the last consumed step and the producer state after it."""
+        return {"step": self.last_step, "producer": self.producer_state}
 
     def report(self, step: int, per_domain_loss: Any, tokens: Any, version: int, counts: Any = None,
                grad_dot_val: Any = None, ref_loss: Any = None) -> None:
