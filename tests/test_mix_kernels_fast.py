@@ -1,0 +1,162 @@
+"""The fast mixing kernels (``mixflow.mix.ops``, ``mixflow.mix.huge_pages``) equal plain references exactly."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mixflow.mix import huge_pages, ops
+from mixflow.mix.huge_pages import empty_like
+from mixflow.mix.ops import blend, paste_boxes, paste_boxes_masked
+
+
+def reference_blend(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray) -> torch.Tensor:
+    """The definition: float32 ``lam*x + (1-lam)*x[perm]`` over the whole batch; integers rounded back."""
+    w = torch.as_tensor(lam, dtype=torch.float32).view(-1, *([1] * (x.dim() - 1)))
+    mixed = w * x.to(torch.float32) + (1 - w) * x[perm].to(torch.float32)
+    return mixed.round().to(x.dtype) if not x.dtype.is_floating_point else mixed.to(x.dtype)
+
+
+def reference_paste(x, perm, boxes, channels_last, base=None):
+    out = (x if base is None else base).clone()
+    for i, (y1, y2, x1, x2) in enumerate(np.broadcast_to(np.asarray(boxes).reshape(-1, 4), (len(x), 4)).tolist()):
+        if channels_last:
+            out[i, y1:y2, x1:x2, :] = x[perm[i], y1:y2, x1:x2, :]
+        else:
+            out[i, :, y1:y2, x1:x2] = x[perm[i], :, y1:y2, x1:x2]
+    return out
+
+
+def batch(dtype, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, shape, dtype=torch.uint8, generator=g)
+    if dtype == torch.int16:
+        return torch.randint(-3000, 3000, shape, dtype=torch.int16, generator=g)
+    return (torch.randn(shape, generator=g) * 50).to(dtype)
+
+
+# --------------------------------------------------------------------------- blend
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8, torch.float64, torch.float16, torch.int16])
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("chunk", [1 << 19, 700, 100])  # one chunk; several with a partial last one; one sample
+def test_blend_equals_reference_bit_for_bit(dtype, per_sample, chunk, monkeypatch):
+    monkeypatch.setattr(ops, "CHUNK_ELEMS", chunk)
+    x = batch(dtype, (11, 3, 7, 9) if dtype != torch.uint8 else (11, 7, 9, 3))
+    rng = np.random.default_rng(1)
+    perm = torch.as_tensor(rng.permutation(11))
+    lam = rng.random(11) if per_sample else np.full(11, rng.random())
+    out = blend(x, perm, lam)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert torch.equal(out, reference_blend(x, perm, lam))
+
+
+def test_blend_uint8_rounds_half_to_even_and_keeps_the_range():
+    # samples: 1, 2, 0, 255 (constant images); partners: next sample
+    x = torch.tensor([1, 2, 0, 255], dtype=torch.uint8).view(4, 1, 1, 1).expand(4, 2, 2, 3).contiguous()
+    perm = torch.tensor([1, 2, 3, 0])
+    out = blend(x, perm, np.array([0.5, 0.5, 0.0, 1.0]))
+    # 0.5*1 + 0.5*2 = 1.5 -> 2; 0.5*2 + 0.5*0 = 1; lam 0 takes the partner (255); lam 1 keeps 255
+    assert out[:, 0, 0, 0].tolist() == [2, 1, 255, 255]
+    x = torch.tensor([2, 3], dtype=torch.uint8).view(2, 1, 1, 1).expand(2, 1, 1, 3).contiguous()
+    assert blend(x, torch.tensor([1, 0]), np.array([0.5, 0.5]))[:, 0, 0, 0].tolist() == [2, 2]  # 2.5 -> 2
+
+
+def test_blend_lam_one_everywhere_returns_the_input_itself():
+    x = batch(torch.uint8, (4, 5, 5, 3))
+    assert blend(x, torch.tensor([1, 2, 3, 0]), np.ones(4)) is x
+
+
+def test_blend_keeps_its_input_and_writes_a_fresh_batch():
+    x = batch(torch.float32, (6, 3, 8, 8))
+    x0 = x.clone()
+    out = blend(x, torch.tensor([5, 4, 3, 2, 1, 0]), np.full(6, 0.3))
+    assert torch.equal(x, x0) and out.data_ptr() != x.data_ptr()
+
+
+def test_blend_non_contiguous_input():
+    x = batch(torch.float32, (6, 8, 8, 3)).permute(0, 3, 1, 2)  # NCHW view of NHWC memory
+    perm = torch.tensor([2, 0, 1, 5, 3, 4])
+    lam = np.linspace(0.1, 0.9, 6)
+    assert torch.equal(blend(x, perm, lam), reference_blend(x, perm, lam))
+
+
+# --------------------------------------------------------------------------- paste_boxes
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("kind", ["shared", "per_sample", "some_empty"])
+@pytest.mark.parametrize("with_base", [False, True])
+def test_paste_boxes_equals_reference(channels_last, kind, with_base):
+    n, h, w = 7, 12, 10
+    x = batch(torch.uint8 if channels_last else torch.float32, (n, h, w, 3) if channels_last else (n, 3, h, w))
+    base = batch(x.dtype, tuple(x.shape), seed=5) if with_base else None
+    rng = np.random.default_rng(3)
+    perm = torch.as_tensor(rng.permutation(n))
+    if kind == "shared":
+        boxes = np.array([[2, 9, 1, 10]])
+    else:
+        y1, x1 = rng.integers(0, h, n), rng.integers(0, w, n)
+        boxes = np.stack([y1, np.minimum(h, y1 + rng.integers(0, h, n)), x1, np.minimum(w, x1 + rng.integers(0, w, n))], 1)
+        if kind == "some_empty":
+            boxes[::2] = 0
+    x0 = x.clone()
+    out = paste_boxes(x, perm, boxes, "NHWC" if channels_last else "NCHW", base=base)
+    assert torch.equal(out, reference_paste(x, perm, boxes, channels_last, base))
+    assert torch.equal(x, x0) and out.data_ptr() not in (x.data_ptr(), None if base is None else base.data_ptr())
+    hd, wd = (1, 2) if channels_last else (2, 3)
+    masked = paste_boxes_masked(x, perm, np.broadcast_to(boxes, (n, 4)).copy(), hd, wd, x if base is None else base)
+    assert torch.equal(masked, out), "the one-kernel path for other devices gives the same batch"
+
+
+def test_paste_boxes_empty_shared_box_copies_the_base():
+    x = batch(torch.uint8, (4, 6, 6, 3))
+    out = paste_boxes(x, torch.tensor([1, 2, 3, 0]), np.zeros((4, 4), np.int64))
+    assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+
+
+# --------------------------------------------------------------------------- huge pages
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 5), torch.float32), ((64, 3, 128, 128), torch.float32),
+                                         ((40, 224, 224, 3), torch.uint8)])
+def test_empty_like_matches_torch_empty_like(shape, dtype):
+    x = torch.zeros(shape, dtype=dtype)
+    out = empty_like(x)
+    assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device and out.is_contiguous()
+    out.fill_(7)
+    assert int(out.min()) == int(out.max()) == 7
+
+
+def _vm_flags_of(ptr: int) -> str | None:
+    """The VmFlags line of the mapping of this process that holds address ``ptr``."""
+    lines = Path("/proc/self/smaps").read_text().splitlines()
+    inside = False
+    for line in lines:
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(v, 16) for v in head.split("-"))
+            inside = lo <= ptr < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line
+    return None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or huge_pages._madvise() is None,
+                    reason="transparent huge pages are not available here")
+def test_empty_like_advises_huge_pages_for_big_cpu_buffers():
+    big = empty_like(torch.zeros((8, 2**20), dtype=torch.float32))  # 32 MiB
+    middle = big.data_ptr() + big.numel() * big.element_size() // 2
+    assert " hg" in _vm_flags_of(middle)
+
+
+def test_empty_like_without_madvise_is_plain_empty(monkeypatch):
+    monkeypatch.setattr(huge_pages, "_madvise", lambda: None)
+    out = empty_like(torch.zeros((8, 2**20)))
+    assert out.shape == (8, 2**20) and out.is_contiguous()
