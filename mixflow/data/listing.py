@@ -1,13 +1,27 @@
-"""Find the shards of a dataset and their sample counts."""
+"""Find the shards of a dataset and their sample counts, reporting every shard that is unusable.
+
+Listing is where whole-shard problems show up: a shard file that is missing while its
+index remains, a shard that is empty or not a tar, and a tar that was cut short (no
+end-of-archive marker). Each becomes a :class:`DataError` naming the shard (and the
+sample key and byte offset when known) and goes through a :class:`BadSamplePolicy`:
+``raise`` stops the listing; ``skip`` records it and the listing goes on. What a
+damaged shard still holds stays listed; the samples it lost are quarantined one by
+one when read (their components come back short), so nothing disappears silently.
+"""
 
 from __future__ import annotations
 
+import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from mixflow.data.tar_index import Component, read_index, split_name, write_index
+from mixflow.data.bad_samples import BadSamplePolicy
+from mixflow.data.tar_index import Component, IndexedSample, read_index, split_name, write_index
 from mixflow.errors import DataError
+
+# A tar ends with two zero blocks (the end-of-archive marker); tools pad the last record with more zeros.
+END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE
 
 
 @dataclass(frozen=True)
@@ -17,44 +31,127 @@ class ShardInfo:
     num_samples: int
 
 
-def index_tar(tar_path: str | Path, index_path: str | Path) -> int:
-    """Build a DALI index for a tar written by another tool; returns the sample count."""
+def _scan_tar(tar_path: str | Path) -> list[list[Component]]:
+    """The samples of a tar as component groups; a tar cut inside a member keeps what precedes the cut.
+
+    ``tarfile`` stops quietly at a damaged or missing header and raises "unexpected end
+    of data" when a member's data runs past the end of the file; either way the members
+    read so far (the cut one included, with its announced size) are returned.
+    """
     groups: list[list[Component]] = []
     last = None
+    with tarfile.open(tar_path, "r:") as tar:
+        members = iter(tar)
+        while True:
+            try:
+                member = next(members)
+            except StopIteration:
+                break
+            except tarfile.ReadError:  # the previous member's data runs past the end of the file
+                break
+            if not member.isfile():
+                continue
+            key, ext = split_name(member.name)
+            if not key or key.endswith("/") or not ext:
+                continue
+            comp = Component(ext, member.offset_data, member.size, member.name)
+            if key != last:
+                groups.append([comp])
+                last = key
+            else:
+                groups[-1].append(comp)
+    return groups
+
+
+def index_tar(tar_path: str | Path, index_path: str | Path) -> int:
+    """Build a DALI index for a tar written by another tool; returns the sample count."""
     try:
-        with tarfile.open(tar_path, "r:") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_name(member.name)
-                if not key or key.endswith("/") or not ext:
-                    continue
-                comp = Component(ext, member.offset_data, member.size, member.name)
-                if key != last:
-                    groups.append([comp])
-                    last = key
-                else:
-                    groups[-1].append(comp)
+        groups = _scan_tar(tar_path)
     except (tarfile.TarError, OSError) as exc:
-        raise DataError(f"cannot index tar: {exc}", shard=str(tar_path)) from None
+        raise DataError(f"not a readable tar: {exc}", shard=str(tar_path)) from None
     write_index(index_path, groups)
     return len(groups)
 
 
-def list_shards(directory: str | Path) -> list[ShardInfo]:
-    """All ``*.tar`` shards of a directory, sorted by name, each with its index (built if missing)."""
+def tar_truncation(tar_path: str | Path, samples: list[IndexedSample]) -> DataError | None:
+    """A :class:`DataError` if the tar lacks its end-of-archive marker (it was cut short), else ``None``.
+
+    The error's offset is the file size; its reason names the indexed samples whose data
+    lies past the end (each is quarantined when read) and warns that members after the
+    cut that no index lists cannot be recovered.
+    """
+    size = os.path.getsize(tar_path)
+    with open(tar_path, "rb") as fh:
+        fh.seek(max(0, size - END_OF_ARCHIVE))
+        tail = fh.read()
+    if size >= END_OF_ARCHIVE and not any(tail):
+        return None
+    cut = [s.key for s in samples if any(c.offset + c.size > size for c in s.components.values())]
+    named = ", ".join(repr(k) for k in cut[:5]) + (", ..." if len(cut) > 5 else "")
+    lost = f"{len(cut)} indexed sample(s) lie past the end ({named})" if cut else "no indexed sample lies past the end"
+    return DataError(f"tar is truncated: it ends at byte {size} without the end-of-archive marker; {lost}; "
+                     "members after the cut that the index does not list are lost", shard=str(tar_path), offset=size)
+
+
+def _list_shard(tar: Path, policy: BadSamplePolicy) -> ShardInfo | None:
+    """One shard's info, or ``None`` (after ``policy`` recorded why) when nothing in it can be read."""
+    idx = tar.with_suffix(".idx")
+    try:
+        if not idx.exists():
+            if tar.stat().st_size == 0:
+                raise DataError("shard is empty (0 bytes)", shard=str(tar))
+            index_tar(tar, idx)
+        samples = read_index(idx, shard=str(tar))
+        if not samples:
+            raise DataError(f"shard holds no samples (index {idx.name} lists none)", shard=str(tar))
+    except DataError as err:
+        policy.handle(err)
+        return None
+    cut = tar_truncation(tar, samples)
+    if cut is not None:
+        policy.handle(cut)
+    return ShardInfo(str(tar), str(idx), len(samples))
+
+
+def _missing_shard(idx: Path, policy: BadSamplePolicy) -> None:
+    """An index without its tar: every sample it lists is lost, one error (or record) per key."""
+    tar = idx.with_suffix(".tar")
+    try:
+        samples = read_index(idx, shard=str(tar))
+    except DataError as err:
+        policy.handle(DataError(f"shard file is missing and its index is unreadable: {err.reason}", shard=str(tar)))
+        return
+    reason = f"shard file is missing (its index {idx.name} lists {len(samples)} samples)"
+    if not samples:
+        policy.handle(DataError(reason, shard=str(tar)))
+    for sample in samples:
+        policy.handle(DataError(reason, shard=str(tar), key=sample.key))
+
+
+def list_shards(directory: str | Path, policy: BadSamplePolicy | None = None) -> list[ShardInfo]:
+    """All usable ``*.tar`` shards of a directory, sorted by name, each with its index (built if missing).
+
+    Unusable shards (see the module docstring) go through ``policy``; without one they
+    raise. In ``skip`` mode the records are in ``policy.records`` (``epoch`` None): keyed
+    records for samples whose shard is gone, key-less ones for shard-wide problems.
+    """
     directory = Path(directory)
+    policy = policy or BadSamplePolicy("raise")
     if not directory.is_dir():
         raise DataError(f"shard directory {directory} does not exist")
-    shards = []
-    for tar in sorted(directory.glob("*.tar")):
-        idx = tar.with_suffix(".idx")
-        if not idx.exists():
-            index_tar(tar, idx)
-        count = len(read_index(idx, shard=str(tar)))
-        shards.append(ShardInfo(str(tar), str(idx), count))
-    if not shards:
+    tars = {p.stem: p for p in directory.glob("*.tar")}
+    orphans = {p.stem: p for p in directory.glob("*.idx") if p.stem not in tars}
+    if not tars and not orphans:
         raise DataError(f"no *.tar shards in {directory}")
+    shards = []
+    for stem in sorted(tars.keys() | orphans.keys()):
+        if stem in orphans:
+            _missing_shard(orphans[stem], policy)
+        elif (info := _list_shard(tars[stem], policy)) is not None:
+            shards.append(info)
+    if not shards:
+        raise DataError(f"no readable shards in {directory}: all {len(tars) + len(orphans)} were skipped "
+                        f"({policy.records[-1].reason})")
     return shards
 
 

@@ -1,0 +1,512 @@
+"""The corruption matrix: every kind of bad input under ``on_error: raise`` and ``on_error: skip``.
+
+Image cases start from real digit JPEG shards written with mixflow's ShardWriter and damage
+one thing each; token cases damage Parquet token shards. ``raise`` must stop with a
+:class:`DataError` naming the shard, the key (where one exists) and the reason; ``skip`` must
+quarantine exactly the lost samples (plus one key-less record per unreadable shard region),
+and every good sample must still arrive exactly once, with the pixels (or tokens) it has in
+the undamaged data.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from mixflow.config import DecodeSpec
+from mixflow.data.bad_samples import BadSamplePolicy, SkipRecord
+from mixflow.data.listing import list_shards
+from mixflow.data.shard_writer import ShardWriter
+from mixflow.data.tar_index import read_index
+from mixflow.data.token_shard_writer import TokenShardWriter, read_manifest
+from mixflow.data.token_source import TokenSource
+from mixflow.decode.decode_stage import DecodeStage
+from mixflow.errors import DataError, PipelineError
+from tests.conftest import make_spec
+
+PER_SHARD = 8
+NUM_SHARDS = 6
+# Full-image windows, no flip: a key's pixels do not depend on which batch it lands in.
+WHOLE = DecodeSpec(size=(32, 32), scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_prob=0.0)
+
+
+def digit_samples() -> dict[str, dict[str, bytes]]:
+    """The first 48 of scikit-learn's digits as 32x32 JPEGs (as the ``digits`` demo set writes them)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    out = {}
+    for i in range(PER_SHARD * NUM_SHARDS):
+        pixels = np.clip(digits.images[i] * (255.0 / 16.0), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(pixels, mode="L").resize((32, 32), Image.BICUBIC).save(buf, format="JPEG", quality=95)
+        out[f"digit{i:05d}"] = {"jpg": buf.getvalue(), "cls": str(int(digits.target[i])).encode()}
+    return out
+
+
+def shard_path(directory: Path, n: int) -> Path:
+    return directory / f"digits-{n:06d}.tar"
+
+
+def keys_of(n: int) -> list[str]:
+    return [f"digit{i:05d}" for i in range(n * PER_SHARD, (n + 1) * PER_SHARD)]
+
+
+def rewrite_shard(directory: Path, n: int, edit: Callable[[str, dict[str, bytes]], dict[str, bytes]]) -> None:
+    """Write shard ``n`` again with ShardWriter, each sample's current components passed through ``edit``."""
+    tar = shard_path(directory, n)
+    data = tar.read_bytes()
+    current = {s.key: {ext: data[c.offset:c.offset + c.size] for ext, c in s.components.items()}
+               for s in read_index(tar.with_suffix(".idx"))}
+    scratch = directory / "scratch"
+    with ShardWriter(scratch, "one") as writer:
+        for key, comps in current.items():
+            writer.write(key, edit(key, comps))
+    shutil.move(scratch / "one-000000.tar", shard_path(directory, n))
+    shutil.move(scratch / "one-000000.idx", shard_path(directory, n).with_suffix(".idx"))
+    scratch.rmdir()
+
+
+def header_only_jpeg(jpeg: bytes) -> bytes:
+    """SOI, tables and the frame header (so the header check passes) but no scan: DALI cannot decode it."""
+    return jpeg[:jpeg.index(b"\xff\xda")] + b"\xff\xd9"
+
+
+@dataclass(frozen=True)
+class Want:
+    """One expected quarantine record: shard file name, key (None: a shard-wide record), the start of the
+    reason, the epoch (None: found by the listing) and the byte offset (None: not checked)."""
+
+    shard: str
+    key: str | None
+    reason: str
+    epoch: int | None = 0
+    offset: int | None = None
+
+
+@dataclass
+class Expect:
+    """What a case must produce: ``records`` under ``skip``; ``lost``, the keys that cannot arrive;
+    ``raised``, (shard file, key or None, message parts) under ``raise``; ``at_listing``, whether
+    ``raise`` stops the listing (before anything is decoded) or the stream."""
+
+    records: list[Want]
+    lost: set[str]
+    raised: tuple[str, str | None, tuple[str, ...]]
+    at_listing: bool = False
+
+
+def edit_one(key: str, change: Callable[[dict[str, bytes]], dict[str, bytes]]):
+    return lambda k, comps: change(comps) if k == key else comps
+
+
+def _payload_case(d: Path, n: int, row: int, change, reason: str) -> Expect:
+    key = keys_of(n)[row]
+    rewrite_shard(d, n, edit_one(key, change))
+    name = shard_path(d, n).name
+    return Expect([Want(name, key, reason)], {key}, (name, key, (reason,)))
+
+
+def case_truncated_jpeg(d: Path) -> Expect:
+    return _payload_case(d, 1, 2, lambda c: {**c, "jpg": c["jpg"][:len(c["jpg"]) // 2]},
+                         "truncated JPEG (no EOI marker at the end)")
+
+
+def case_not_an_image(d: Path) -> Expect:
+    return _payload_case(d, 2, 5, lambda c: {**c, "jpg": b"<html>not an image</html>\n" * 8},
+                         "not a JPEG (no SOI marker)")
+
+
+def case_dali_rejects(d: Path) -> Expect:
+    return _payload_case(d, 2, 3, lambda c: {**c, "jpg": header_only_jpeg(c["jpg"])},
+                         "DALI could not decode the image: ")
+
+
+def case_missing_cls(d: Path) -> Expect:
+    return _payload_case(d, 3, 0, lambda c: {"jpg": c["jpg"]},
+                         "missing label component (.cls); has ['jpg']")
+
+
+def case_label_out_of_range(d: Path) -> Expect:
+    return _payload_case(d, 3, 6, lambda c: {**c, "cls": b"99"},
+                         "label 99 outside 0..9 (data.num_classes=10)")
+
+
+def _truncate_tar(d: Path, drop_index: bool) -> Expect:
+    """Cut shard 4 inside the JPEG data of its 5th sample (optionally losing its index too)."""
+    tar = shard_path(d, 4)
+    index = read_index(tar.with_suffix(".idx"))
+    keys = [s.key for s in index]
+    jpg = index[4].components["jpg"]
+    cut = jpg.offset + jpg.size // 2
+    os.truncate(tar, cut)
+    if drop_index:
+        tar.with_suffix(".idx").unlink()
+    region = f"tar is truncated: it ends at byte {cut} without the end-of-archive marker"
+    records = [Want(tar.name, None, region, None, cut),
+               Want(tar.name, keys[4], f"component .jpg is truncated ({jpg.size // 2} of {jpg.size} bytes)",
+                    offset=jpg.offset)]
+    if drop_index:  # the members after the cut are unknown: the region record speaks for them
+        named = f"1 indexed sample(s) lie past the end ('{keys[4]}')"
+    else:
+        named = "4 indexed sample(s) lie past the end (" + ", ".join(repr(k) for k in keys[4:]) + ")"
+        records += [Want(tar.name, s.key, "component .cls is truncated (0 of 1 bytes)",
+                         offset=s.components["cls"].offset) for s in index[5:]]
+    return Expect(records, set(keys[4:]), (tar.name, None, (region, named, f"offset {cut}")), at_listing=True)
+
+
+def case_truncated_tar(d: Path) -> Expect:
+    return _truncate_tar(d, drop_index=False)
+
+
+def case_truncated_tar_without_index(d: Path) -> Expect:
+    return _truncate_tar(d, drop_index=True)
+
+
+def _extra_shard(d: Path, data: bytes, reason: str) -> Expect:
+    extra = shard_path(d, NUM_SHARDS)
+    extra.write_bytes(data)
+    return Expect([Want(extra.name, None, reason, None)], set(), (extra.name, None, (reason,)), at_listing=True)
+
+
+def case_empty_file(d: Path) -> Expect:
+    return _extra_shard(d, b"", "shard is empty (0 bytes)")
+
+
+def case_empty_tar(d: Path) -> Expect:
+    buf = io.BytesIO()
+    tarfile.open(fileobj=buf, mode="w").close()
+    return _extra_shard(d, buf.getvalue(), "shard holds no samples (index digits-000006.idx lists none)")
+
+
+def case_not_a_tar(d: Path) -> Expect:
+    return _extra_shard(d, np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes(),
+                        "not a readable tar: ")
+
+
+def case_missing_shard(d: Path) -> Expect:
+    tar = shard_path(d, 5)
+    tar.unlink()  # the index stays: the listing knows what the shard held
+    reason = "shard file is missing (its index digits-000005.idx lists 8 samples)"
+    return Expect([Want(tar.name, key, reason, None) for key in keys_of(5)], set(keys_of(5)),
+                  (tar.name, keys_of(5)[0], (reason,)), at_listing=True)
+
+
+IMAGE_CASES = {
+    "truncated_jpeg": case_truncated_jpeg,
+    "not_an_image": case_not_an_image,
+    "dali_rejects": case_dali_rejects,
+    "missing_cls": case_missing_cls,
+    "label_out_of_range": case_label_out_of_range,
+    "truncated_tar": case_truncated_tar,
+    "truncated_tar_without_index": case_truncated_tar_without_index,
+    "empty_file": case_empty_file,
+    "empty_tar": case_empty_tar,
+    "not_a_tar": case_not_a_tar,
+    "missing_shard": case_missing_shard,
+}
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """The undamaged shards, their samples, and every key's decoded pixels."""
+    samples = digit_samples()
+    directory = tmp_path_factory.mktemp("clean")
+    with ShardWriter(directory, "digits", max_samples=PER_SHARD) as writer:
+        for key, comps in samples.items():
+            writer.write(key, comps)
+    assert [p.name for p in writer.paths] == [shard_path(directory, n).name for n in range(NUM_SHARDS)]
+    delivered, records = run_stage(directory, "raise")
+    assert records == [] and sorted(delivered) == sorted(samples)
+    return directory, samples, delivered
+
+
+def damaged_copy(clean, tmp_path: Path, *cases: str) -> tuple[Path, list[Expect]]:
+    copy = tmp_path / "shards"
+    shutil.copytree(clean[0], copy)
+    return copy, [IMAGE_CASES[c](copy) for c in cases]
+
+
+def run_stage(directory: Path, on_error: str, batch_size: int = 16):
+    """List and decode one epoch with one reader: ``({key: (label, image)}, records)``."""
+    listing = BadSamplePolicy(on_error)
+    shards = list_shards(directory, listing)
+    stage = DecodeStage(shards, 0, 1, WHOLE, batch_size, num_classes=10, seed=3, on_error=on_error)
+    delivered: dict[str, tuple[int, np.ndarray]] = {}
+    records = listing.drain()
+    while (batch := stage.next_batch()) is not None:
+        records += batch_records(stage, batch)
+        for key, label, image in zip(batch["keys"], batch["labels"], batch["images"]):
+            assert key not in delivered, f"{key} delivered twice"
+            delivered[key] = (int(label), image)
+    stage.source.close()
+    return delivered, records + stage.policy.drain()
+
+
+def batch_records(stage: DecodeStage, batch: dict) -> list:
+    """The quarantine records that came with ``batch`` (or are still held by the stage's policy)."""
+    return list(batch.get("skipped", [])) + stage.policy.drain()
+
+
+def assert_records(records, expects: list[Expect], directory: Path) -> None:
+    """Exactly the expected records, one per (shard, key), each with its reason, epoch and offset."""
+    order = lambda r: (r.shard, r.key or "")  # noqa: E731
+    got = sorted(records, key=order)
+    want = sorted((Want(str(directory / w.shard), w.key, w.reason, w.epoch, w.offset)
+                   for e in expects for w in e.records), key=order)
+    assert [(r.shard, r.key) for r in got] == [(w.shard, w.key) for w in want]
+    for r, w in zip(got, want):
+        assert r.reason.startswith(w.reason), (r.key, r.reason, w.reason)
+        assert r.epoch == w.epoch, (r.key, r.epoch)
+        if w.offset is not None:
+            assert r.offset == w.offset, (r.key, r.offset)
+
+
+def assert_good_arrive(delivered: dict, clean, expects: list[Expect]) -> None:
+    """Every sample not lost arrives once (a dict: once), with the clean label and identical pixels."""
+    _, samples, reference = clean
+    lost = set().union(*(e.lost for e in expects))
+    assert sorted(delivered) == sorted(set(samples) - lost)
+    for key, (label, image) in delivered.items():
+        ref_label, ref_image = reference[key]
+        assert label == ref_label
+        np.testing.assert_array_equal(image, ref_image, err_msg=key)
+
+
+# --------------------------------------------------------------------------- image cases, source/stage level
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES)
+def test_image_case_skip_quarantines_and_keeps_every_good_sample(clean, tmp_path, case):
+    directory, expects = damaged_copy(clean, tmp_path, case)
+    delivered, records = run_stage(directory, "skip")
+    assert_records(records, expects, directory)
+    assert_good_arrive(delivered, clean, expects)
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES)
+def test_image_case_raise_names_shard_key_and_reason(clean, tmp_path, case):
+    directory, (expect,) = damaged_copy(clean, tmp_path, case)
+    shard, key, parts = expect.raised
+    if expect.at_listing:
+        with pytest.raises(DataError) as err:
+            list_shards(directory, BadSamplePolicy("raise"))
+    else:
+        with pytest.raises(DataError) as err:
+            run_stage(directory, "raise")
+    msg = str(err.value)
+    assert err.value.shard == str(directory / shard)
+    assert err.value.key == key
+    assert msg.startswith(f"shard {directory / shard}" + (f", key {key!r}" if key else ""))
+    for part in parts:
+        assert part in msg
+    if not expect.at_listing:  # raised from the stream: listing alone is fine
+        assert len(list_shards(directory)) == NUM_SHARDS
+
+
+def test_dali_failure_spares_its_batch_neighbours(clean, tmp_path):
+    """The header-only JPEG passes the header check, so DALI fails on its whole batch; the stage
+    rebuilds DALI and decodes the batch sample by sample: the other 15 arrive with exact pixels."""
+    directory, expects = damaged_copy(clean, tmp_path, "dali_rejects")
+    listing = BadSamplePolicy("skip")
+    stage = DecodeStage(list_shards(directory, listing), 0, 1, WHOLE, 16, num_classes=10, seed=3, on_error="skip")
+    (bad,) = expects[0].lost
+    reference = clean[2]
+    seen: list[str] = []
+    while (batch := stage.next_batch()) is not None:
+        seen += batch["keys"]
+        if records := batch_records(stage, batch):
+            break
+    assert [r.key for r in records] == [bad]
+    assert len(batch["keys"]) == 15 and bad not in batch["keys"]
+    for key, image in zip(batch["keys"], batch["images"]):
+        np.testing.assert_array_equal(image, reference[key][1], err_msg=key)
+    # the rebuilt pipeline decodes the rest of the epoch
+    while (batch := stage.next_batch()) is not None:
+        seen += batch["keys"]
+        assert batch_records(stage, batch) == []
+    assert sorted(seen) == sorted(set(reference) - {bad})
+
+
+def test_an_all_bad_last_batch_is_still_quarantined(clean, tmp_path):
+    """The last 16 samples of the reader's epoch (one whole batch) are all bad: their records must
+    still come out although no batch is left to carry them, and the other 32 arrive."""
+    directory = tmp_path / "shards"
+    shutil.copytree(clean[0], directory)
+    probe = DecodeStage(list_shards(directory), 0, 1, WHOLE, 16, num_classes=10, seed=3)
+    order = [probe.source.read(shard, row).key for shard, row in probe.source.take(10**6)]
+    probe.source.close()
+    tail = set(order[-16:])
+    for n in range(NUM_SHARDS):
+        rewrite_shard(directory, n, lambda k, c: {**c, "cls": b"12"} if k in tail else c)
+    delivered, records = run_stage(directory, "skip")
+    assert sorted(r.key for r in records) == sorted(tail)
+    assert {r.reason for r in records} == {"label 12 outside 0..9 (data.num_classes=10)"}
+    assert sorted(delivered) == sorted(order[:-16])
+
+
+# --------------------------------------------------------------------------- image cases, Ray pipeline
+
+
+ALL_STREAM_AND_SHARD_CASES = ("truncated_jpeg", "not_an_image", "dali_rejects", "missing_cls", "label_out_of_range",
+                              "truncated_tar", "empty_file", "missing_shard")
+
+
+def test_pipeline_skip_quarantines_every_case_and_delivers_the_rest(ray_session, clean, tmp_path):
+    from mixflow.runtime.image_pipeline import ImagePipeline
+
+    directory, expects = damaged_copy(clean, tmp_path, *ALL_STREAM_AND_SHARD_CASES)
+    spec = make_spec(directory, tmp_path, on_error="skip", decode={"size": [32, 32], "scale": [1.0, 1.0]},
+                     mix={"method": "none"}, trainer={"batch_size": 8})
+    pipe = ImagePipeline(spec, show_progress=False, record_digests=True)
+    summary = pipe.run()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "quarantine.jsonl").read_text().splitlines()]
+    records = [SkipRecord(**rec) for rec in lines]
+    assert_records(records, expects, directory)
+    assert summary.skipped == len(lines) == sum(len(e.records) for e in expects)
+    (ledger,) = summary.ledgers
+    lost = set().union(*(e.lost for e in expects))
+    assert ledger.exactly_once, ledger.describe()
+    assert sorted(ledger.skipped) == sorted(lost)
+    assert ledger.delivered == ledger.expected == len(clean[1]) - len(lost)
+    delivered = [k for digests in pipe.digests.values() for step in digests for k in step[1]]
+    assert sorted(delivered) == sorted(set(clean[1]) - lost)
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["skipped"] == len(lines)
+
+
+def test_pipeline_raise_stops_with_shard_key_and_reason(ray_session, clean, tmp_path):
+    from mixflow.runtime.image_pipeline import ImagePipeline
+
+    directory, (expect,) = damaged_copy(clean, tmp_path, "label_out_of_range")
+    shard, key, parts = expect.raised
+    spec = make_spec(directory, tmp_path, on_error="raise", mix={"method": "none"},
+                     trainer={"ranks": 1, "batch_size": 8})
+    with pytest.raises(PipelineError) as err:
+        ImagePipeline(spec, show_progress=False).run()
+    msg = str(err.value)
+    assert f"shard {directory / shard}, key {key!r}: {parts[0]}" in msg
+
+
+# --------------------------------------------------------------------------- token cases
+
+
+def token_docs(n: int, seed: int) -> dict[str, np.ndarray]:
+    r = np.random.default_rng(seed)
+    return {f"doc{i:03d}": r.integers(0, 256, int(r.integers(5, 60))) for i in range(n)}
+
+
+@pytest.fixture
+def token_dir(tmp_path) -> Path:
+    with TokenShardWriter(tmp_path / "tok", "syn", max_docs=5) as writer:
+        for doc_id, tokens in token_docs(30, seed=1).items():
+            writer.write_tokens(doc_id, tokens)
+    return tmp_path / "tok"
+
+
+def corrupt_tokens(directory: Path, case: str, shard: int = 2) -> tuple[Path, list[tuple[str, str]], set[str]]:
+    """Damage shard ``shard``: ``(its path, [(key, reason part)], keys lost)``."""
+    info = read_manifest(directory).shards[shard]
+    path = directory / info.file
+    stem = path.stem
+    every = [f"{stem}:{r}" for r in range(info.num_docs)]
+    if case == "unreadable_parquet":
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])  # cut in half: footer gone
+        return path, [(k, "not a readable Parquet token shard") for k in every], set(every)
+    if case == "missing_parquet":
+        path.unlink()
+        return path, [(k, "shard file is missing") for k in every], set(every)
+    assert case == "token_out_of_vocab"
+    rows = pq.read_table(path).to_pylist()
+    rows[1]["tokens"] = [5, 6, 7, 258, 9]
+    pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(path)), path)
+    key = f"{stem}:1"
+    return path, [(key, "token id 258 at position 3 is outside the vocabulary [0, 258)")], {key}
+
+
+TOKEN_CASES = ("unreadable_parquet", "missing_parquet", "token_out_of_vocab")
+
+
+def docs_by_key(directory: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for info in read_manifest(directory).shards:
+        if (directory / info.file).exists():
+            for row, tokens in enumerate(pq.read_table(directory / info.file).column("tokens").to_pylist()):
+                out[f"{Path(info.file).stem}:{row}"] = np.array(tokens)
+    return out
+
+
+@pytest.mark.parametrize("case", TOKEN_CASES)
+def test_token_case_raise_names_shard_key_and_reason(token_dir, case):
+    path, bad, _ = corrupt_tokens(token_dir, case)
+    with pytest.raises(DataError) as err:
+        list(TokenSource(token_dir, 16, shuffle=False, infinite=False))
+    key, reason = bad[0]
+    assert (err.value.shard, err.value.key) == (str(path), key)
+    assert str(err.value).startswith(f"shard {path}, key {key!r}: {reason}")
+
+
+@pytest.mark.parametrize("case", TOKEN_CASES)
+def test_token_case_skip_quarantines_and_keeps_every_good_document(token_dir, case):
+    clean = docs_by_key(token_dir)
+    path, bad, lost = corrupt_tokens(token_dir, case)
+    policy = BadSamplePolicy("skip")
+    sequences = list(TokenSource(token_dir, 16, seed=5, infinite=False, policy=policy))
+    records = policy.drain()
+    assert sorted((r.shard, r.key) for r in records) == sorted((str(path), k) for k, _ in bad)
+    reasons = dict(bad)
+    assert all(r.reason.startswith(reasons[r.key]) and r.epoch == 0 for r in records)
+    # every good document's tokens arrive once, in order, followed by EOS
+    pieces: dict[str, list[np.ndarray]] = {}
+    for seq in sequences:
+        at = 0
+        for span in seq.spans:
+            pieces.setdefault(f"{span.shard}:{span.row}", []).append(seq.tokens[at:at + span.stop - span.start])
+            at += span.stop - span.start
+    assert sorted(pieces) == sorted(set(clean) - lost)
+    for key, parts in pieces.items():
+        np.testing.assert_array_equal(np.concatenate(parts), np.append(clean[key], 256))
+
+
+def test_token_pipeline_skip_writes_quarantine_and_counts(ray_session, tmp_path):
+    from mixflow.config import validate_spec
+    from mixflow.runtime.token_pipeline import TokenPipeline
+
+    root = tmp_path / "domains"
+    for d, name in enumerate(("alpha", "beta")):
+        for split, n in (("train", 12), ("validation", 6)):
+            with TokenShardWriter(root / name / split, name, split, max_docs=2) as writer:
+                for doc_id, tokens in token_docs(n, seed=10 * d + len(split)).items():
+                    writer.write_tokens(doc_id, tokens)
+    expected = {}
+    for case, shard in (("unreadable_parquet", 2), ("token_out_of_vocab", 4)):
+        path, bad, _ = corrupt_tokens(root / "alpha" / "train", case, shard)
+        expected |= {(str(path), key): reason for key, reason in bad}
+    spec = validate_spec({
+        "kind": "tokens", "name": "bad", "seed": 1, "run_dir": str(tmp_path / "run"), "on_error": "skip",
+        "data": {"shards": str(root), "seq_len": 16, "eval_sequences": 4},
+        "mixture": {"policy": "odm", "params": {}},
+        "channel": {"max_items": 3, "max_bytes": "1MiB"},
+        # one rank reads every shard; 24 steps of ~4 alpha sequences pass alpha's ~25 sequences several times
+        "trainer": {"ranks": 1, "steps": 24, "batch_size": 8, "model": "unigram", "eval_every": 0},
+    })
+    summary = TokenPipeline(spec, show_progress=False).run()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "quarantine.jsonl").read_text().splitlines()]
+    assert summary.skipped == len(lines) > 0
+    assert {(rec["shard"], rec["key"]) for rec in lines} == set(expected)
+    for rec in lines:
+        assert rec["reason"].startswith(expected[rec["shard"], rec["key"]])
+        assert isinstance(rec["epoch"], int)
