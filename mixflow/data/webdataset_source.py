@@ -70,20 +70,20 @@ class WebDatasetSource:
             self._indexes[shard] = read_index(info.index_path, shard=info.path)
         return self._indexes[shard]
 
-    def _fd(self, shard: int) -> int:
+    def _fd(self, shard: int, key: str) -> int:
         if shard not in self._fds:
             path = self.shards[shard].path
             try:
                 self._fds[shard] = os.open(path, os.O_RDONLY)
             except OSError as exc:
-                raise DataError(f"cannot open shard: {exc.strerror}", shard=path) from None
+                raise DataError(f"cannot open shard: {exc.strerror}", shard=path, key=key) from None
         return self._fds[shard]
 
     def read(self, shard: int, row: int) -> RawSample:
         """Read one sample's components; a short read is a :class:`DataError` naming the offset."""
         info = self.shards[shard]
         sample = self._index(shard)[row]
-        fd = self._fd(shard)
+        fd = self._fd(shard, sample.key)
         comps = {}
         for ext, comp in sample.components.items():
             data = os.pread(fd, comp.size, comp.offset)

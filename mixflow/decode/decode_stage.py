@@ -58,6 +58,14 @@ def check_sample(raw: RawSample, num_classes: int) -> CheckedSample:
     return CheckedSample(raw.key, raw.shard, np.frombuffer(image, dtype=np.uint8), label, info.height, info.width)
 
 
+def dali_failure(exc: BaseException) -> str:
+    """The line of a DALI error that says what failed (DALI wraps it in "Critical error in pipeline" lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if "encountered:" in lines[:-1]:
+        return lines[lines.index("encountered:") + 1]
+    return lines[0] if lines else type(exc).__name__
+
+
 class DecodeStage:
     """Produces decoded batches ``{keys, labels, images}`` for one reader, one epoch at a time."""
 
@@ -136,6 +144,6 @@ class DecodeStage:
                 kept.append(s)
             except Exception as exc:  # noqa: BLE001
                 self.decoder = self._new_decoder()
-                self.policy.handle(DataError(f"DALI could not decode the image: {str(exc).splitlines()[0]}",
+                self.policy.handle(DataError(f"DALI could not decode the image: {dali_failure(exc)}",
                                              s.shard, s.key), self.source.epoch)
         return (np.stack(images) if images else None), kept
