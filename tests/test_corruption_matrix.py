@@ -387,6 +387,7 @@ def test_pipeline_skip_quarantines_every_case_and_delivers_the_rest(ray_session,
     assert saved["skipped"] == len(lines)
 
 
+@pytest.mark.timeout(300)  # stops with the error, never hangs
 def test_pipeline_raise_stops_with_shard_key_and_reason(ray_session, clean, tmp_path):
     from mixflow.runtime.image_pipeline import ImagePipeline
 
