@@ -307,9 +307,36 @@ class PipelineSpec(_Strict):
     runtime: RuntimeSpec = RuntimeSpec()
     trainer: TrainerSpec = TrainerSpec()
 
+    @model_validator(mode="after")
+    def _mix_fits_images(self) -> "PipelineSpec":
+        for method in _methods(self.mix):
+            if method in NON_IMAGE_METHODS:
+                raise ValueError(f"mix.method {method!r} mixes {NON_IMAGE_METHODS[method]}, not images; "
+                                 f"the image pipeline takes: {', '.join(m for m in MIX_SPECS if m not in NON_IMAGE_METHODS)}")
+            if method in MODEL_SIDE_METHODS and self.trainer.model == "none":
+                raise ValueError(f"mix.method {method!r} finishes its mixing inside the model; "
+                                 "trainer.model 'none' has no model")
+            if method in ATTENTION_METHODS:
+                raise ValueError(f"mix.method {method!r} needs the model's attention map; trainer.model "
+                                 f"{self.trainer.model!r} has no attention (use it from a ViT training loop "
+                                 "with mixflow.train.mix_label_helpers)")
+        return self
+
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")
+
+
+NON_IMAGE_METHODS = {"c_mixup": "regression targets", "mix3d": "point-cloud scenes",
+                     "beat_sync_mixup": "audio waveforms"}
+MODEL_SIDE_METHODS = ("manifold_mixup", "smmix")  # x leaves the pipeline unmixed
+ATTENTION_METHODS = ("smmix",)
+
+
+def _methods(mix: BaseModel) -> list[str]:
+    if isinstance(mix, MethodChoiceSpec):
+        return [m for choice in mix.choices for m in _methods(choice.mix)]
+    return [mix.method]
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

@@ -40,6 +40,8 @@ class MixStage:
             "lam": mixed.lam.cpu().numpy(),
             "targets": mixed.targets.cpu().numpy(),
             "method": mixed.method,
+            "perm": mixed.perm.cpu().numpy(),
+            "plan": mixed.plan,
             "epoch": epoch,
             "step": step,
             "rank": self.rank,

@@ -25,7 +25,9 @@ from mixflow.config import PipelineSpec
 from mixflow.data.bad_samples import SkipRecord
 from mixflow.runtime.channel import ChannelReader
 from mixflow.runtime.mixer_actor import start_position
+from mixflow.mix.plans import LayerPlan
 from mixflow.train.feed import Feed
+from mixflow.train.mix_label_helpers import ManifoldMixupHook
 from mixflow.train.losses import soft_target_cross_entropy
 from mixflow.train.models import MODELS
 
@@ -133,7 +135,12 @@ class TrainerRank:
                 "skipped": skipped, "stopped": stopped}
 
     def _step(self, batch) -> float:
-        loss = soft_target_cross_entropy(self.model(batch.x), batch.targets)
+        if isinstance(batch.plan, LayerPlan):  # manifold mixup: mix hidden states at the planned layer
+            with ManifoldMixupHook(_blocks(self.model), batch):
+                logits = self.model(batch.x)
+        else:
+            logits = self.model(batch.x)
+        loss = soft_target_cross_entropy(logits, batch.targets)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -160,6 +167,14 @@ class TrainerRank:
     def teardown(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _blocks(model: torch.nn.Module):
+    """The layer sequence manifold mixup indexes: the model's ``features`` (a DigitsCNN's conv stack)."""
+    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+    if not hasattr(inner, "features"):
+        raise ValueError(f"manifold mixup needs a model with a `features` sequence; {type(inner).__name__} has none")
+    return inner.features
 
 
 def _digest(batch) -> tuple:

@@ -27,6 +27,9 @@ class TorchBatch:
     lam: torch.Tensor
     keys: list[str]
     step: int
+    perm: torch.Tensor | None = None
+    plan: object = None
+    method: str = "none"
 
 
 class Feed:
@@ -58,7 +61,8 @@ class Feed:
             x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std)
         as_t = lambda k: torch.from_numpy(np.asarray(batch[k])).to(self.device)  # noqa: E731
         return TorchBatch(x.contiguous(), as_t("targets"), as_t("y_a"), as_t("y_b"), as_t("lam"),
-                          list(batch["keys"]), int(batch["step"]))
+                          list(batch["keys"]), int(batch["step"]),
+                          as_t("perm") if "perm" in batch else None, batch.get("plan"), batch.get("method", "none"))
 
     def __iter__(self) -> Iterator[TorchBatch]:
         while True:
