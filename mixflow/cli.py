@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
 
 from rich.console import Console
@@ -12,10 +15,64 @@ from mixflow.data.text_domains import MACHINE_DOMAINS
 from mixflow.errors import MixflowError
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _signals_stop_the_run(received: list[int]):
+    """While the block runs, the first SIGINT or SIGTERM raises KeyboardInterrupt in the main thread
+    (Ray's blocking calls turn whatever a handler raises into KeyboardInterrupt anyway), so the
+    pipeline's stop path runs on the way out; later signals are recorded and ignored, so that
+    stop is not cut short. ``received`` collects the signal numbers. Once stopping, the tasks the
+    pipeline abandons end in errors nobody reads: Ray is told not to print them."""
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def handler(signum, frame):
+        received.append(signum)
+        if len(received) == 1:
+            os.environ["RAY_IGNORE_UNHANDLED_ERRORS"] = "1"
+            raise KeyboardInterrupt
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
+    """Run the spec. On SIGINT/SIGTERM: the pipeline stops its producers, fails its channels, tears
+    down the ranks' process groups and kills every actor it created; an embedded Ray this command
+    started is shut down; the exit status is 128 + the signal number."""
+    import ray
+
     from mixflow.config import load_spec
+    from mixflow.runtime.ray_session import ensure_ray
 
     spec = load_spec(args.spec, args.set)
+    started_ray = not ray.is_initialized()
+    ensure_ray(spec.runtime.address)  # before the handlers: ray.init installs its own SIGTERM handler
+    received: list[int] = []
+    with _signals_stop_the_run(received):
+        try:
+            return _run_spec(spec, args, console)
+        except KeyboardInterrupt:
+            pass  # the pipeline has stopped itself on the way out
+        finally:
+            if started_ray:
+                ray.shutdown()
+    signum = received[0] if received else signal.SIGINT
+    where = "embedded Ray shut down" if spec.runtime.address is None else \
+        f"disconnected from Ray at {spec.runtime.address}"
+    console.print(f"[red]stopped by {signal.Signals(signum).name}[/]: producers stopped, channels closed, "
+                  f"trainer ranks left their process groups, pipeline actors killed; {where}",
+                  markup=True, highlight=False)
+    return 128 + signum
+
+
+def _run_spec(spec, args: argparse.Namespace, console: Console) -> int:
     if spec.kind == "tokens":
         from mixflow.runtime.token_pipeline import TokenPipeline
 

@@ -37,7 +37,7 @@ from mixflow.runtime.ledger import EpochLedger, check_epoch
 from mixflow.runtime.mixer_actor import MixerActor
 from mixflow.runtime.progress import PipelineProgress
 from mixflow.runtime.ray_session import ensure_ray
-from mixflow.runtime.stage_failure import stage_error
+from mixflow.runtime.stage_failure import first_failure
 from mixflow.runtime.summary import RankSummary, RunSummary
 from mixflow.runtime.trainer_actor import TrainerRank
 
@@ -161,7 +161,7 @@ class ImagePipeline:
                 try:
                     results[ref] = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - re-raised with the stage named
-                    raise stage_error(refs[ref], exc) from exc
+                    raise first_failure(refs, ref, exc)  # chained to its cause
             try:
                 stats = ray.get([ch.stats.remote() for ch in self.channels])
                 prog = ray.get([t.progress.remote() for t in self.trainers])

@@ -31,7 +31,7 @@ from mixflow.runtime.lm_trainer_actor import LMTrainerRank
 from mixflow.runtime.mixture_controller import MixtureController
 from mixflow.runtime.progress import PipelineProgress
 from mixflow.runtime.ray_session import ensure_ray
-from mixflow.runtime.stage_failure import stage_error
+from mixflow.runtime.stage_failure import first_failure
 from mixflow.runtime.token_producer import TokenProducer
 
 POLL_S = 0.5
@@ -278,7 +278,7 @@ class TokenPipeline:
                 try:
                     results[ref] = ray.get(ref)
                 except Exception as exc:  # noqa: BLE001 - re-raised with the stage named
-                    raise stage_error(refs[ref], exc) from exc
+                    raise first_failure(refs, ref, exc)  # chained to its cause
             try:
                 stats = ray.get([ch.stats.remote() for ch in self.channels])
                 prog = ray.get([tr.progress.remote() for tr in self.trainers])

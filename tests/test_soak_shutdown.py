@@ -1,0 +1,220 @@
+"""Load and shutdown: a short soak with a slow rank, SIGTERM/SIGINT on ``mixflow run``, a trainer
+killed mid-epoch. Real Ray, real DALI, real digits shards."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from benchmarks.soak import MIB, process_memory, run_soak, soak_spec
+from mixflow.errors import PipelineError
+from mixflow.runtime.image_pipeline import ImagePipeline
+from tests.conftest import make_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _processes() -> dict[int, tuple[int, str, str]]:
+    """Every process as ``pid -> (parent pid, state letter, command line)`` (Linux /proc)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            after_name = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(entry)] = (int(after_name[1]), after_name[0], cmd)
+    return out
+
+
+def _descendants(root: int) -> dict[int, str]:
+    procs, found, grown = _processes(), {root}, True
+    while grown:
+        grown = False
+        for pid, (ppid, _, _) in procs.items():
+            if ppid in found and pid not in found:
+                found.add(pid)
+                grown = True
+    return {pid: procs[pid][2] for pid in found - {root} if pid in procs}
+
+
+def _living(pids) -> dict[int, str]:
+    procs = _processes()
+    return {pid: procs[pid][2] for pid in pids if pid in procs and procs[pid][1] != "Z"}
+
+
+def _dead(handle) -> bool:
+    try:
+        ray.get(handle.__ray_call__.remote(lambda actor: None), timeout=10)
+    except ray.exceptions.RayActorError:
+        return True
+    return False
+
+
+def _wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_process_memory_reads_this_process():
+    mine = process_memory(os.getpid())
+    assert mine is not None and 10 * MIB < mine < 64 * 2**30
+    assert process_memory(2**22 + 12345) is None  # above Linux's pid_max default: no such process
+
+
+def test_soak_slow_rank_bounds_bytes_and_memory_fast_rank_keeps_receiving(ray_session, digits_shards, tmp_path):
+    spec = soak_spec(digits_shards, 10, tmp_path / "run", epochs=2, throttle_s=0.2, slow_rank=1, size=24,
+                     max_items=64, max_bytes=200_000)
+    report = run_soak(spec, sample_every_s=0.25, warmup_fraction=0.3, growth_limit=128 * MIB)
+    fast, slow = report.ranks
+    assert report.exactly_once
+    assert fast.samples + slow.samples == 2 * 1797
+    assert len(report.timeline) >= 20  # sampled throughout the ~12 s the slow rank needs
+    for rank in report.ranks:
+        assert rank.max_batch_bytes > 0 and rank.max_bytes == 200_000
+        # Producer-side bytes (queued + waiting for credit) never exceed the bound plus one batch.
+        assert rank.peak_in_flight_bytes <= rank.max_bytes + rank.max_batch_bytes
+        assert rank.in_flight_ok
+        assert rank.peak_queued_bytes <= rank.max_bytes
+        assert all(s.queued_bytes[rank.rank] <= rank.max_bytes for s in report.timeline)
+        # Producer memory (decoders + mixer + channel) was measured and did not keep growing.
+        assert rank.memory_warm is not None and rank.memory_peak >= rank.memory_warm > 0
+        assert rank.memory_growth <= 128 * MIB, rank
+    # The slow rank's producer was held back by byte credit, not by the item count.
+    assert slow.put_wait_s > 1.0 and slow.peak_items < 64
+    # The fast rank got each epoch's share long before the slow rank finished it.
+    assert fast.wall_s < 0.5 * slow.wall_s
+    assert fast.barrier_idle_s > slow.barrier_idle_s
+
+
+def _write_spec(path: Path, shards: Path, run_dir: Path) -> Path:
+    path.write_text(f"name: sigtest\nseed: 1\nrun_dir: {run_dir}\n"
+                    f"data: {{shards: {shards}, num_classes: 10}}\n"
+                    "decode: {size: [24, 24], scale: [0.5, 1.0]}\nmix: {method: mixup_cutmix}\n"
+                    "channel: {max_items: 8, max_bytes: 256KiB}\n"
+                    "trainer: {ranks: 2, epochs: 50, batch_size: 32, model: none, throttle: {1: 0.1}}\n")
+    return path
+
+
+def test_sigterm_stops_mixflow_run_and_leaves_no_ray_process(digits_shards, tmp_path):
+    spec = _write_spec(tmp_path / "spec.yaml", digits_shards, tmp_path / "run")
+    ray_tmp = tempfile.mkdtemp(prefix="mfray", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never join another cluster
+    env["RAY_TMPDIR"] = ray_tmp
+    proc = subprocess.Popen([sys.executable, "-m", "mixflow.cli", "run", str(spec), "--no-progress"], cwd=ROOT,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        _wait_until(lambda: sum("ray::TrainerRank.run_epoch" in c for c in _descendants(proc.pid).values()) == 2,
+                    180, "both trainer ranks running their epoch")
+        before = _descendants(proc.pid)
+        assert any("raylet" in c for c in before.values()) and any("gcs_server" in c for c in before.values())
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert time.monotonic() - sent < 60
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "stopped by SIGTERM: producers stopped, channels closed" in out
+    assert "embedded Ray shut down" in out
+    assert "Unhandled error" not in out
+    # No raylet, GCS, agent or worker of that Ray instance is left (Ray's own reaping may lag a little).
+    _wait_until(lambda: not _living(before), 15, f"Ray processes to exit: {_living(before)}")
+    assert not [c for c in (v[2] for v in _processes().values()) if ray_tmp in c]
+
+
+def _start_pipeline_in_background(pipe: ImagePipeline, outcome: dict) -> threading.Thread:
+    def run():
+        try:
+            outcome["summary"] = pipe.run()
+        except BaseException as exc:  # noqa: BLE001 - inspected by the test
+            outcome["error"] = exc
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def _handles_once_running(pipe: ImagePipeline, rank: int) -> list:
+    """The pipeline's actors, once ``rank`` has received a batch."""
+    _wait_until(lambda: bool(pipe.trainers), 120, "the pipeline's actors")
+    trainer = pipe.trainers[rank]
+    _wait_until(lambda: ray.get(trainer.progress.remote())["samples"] > 0, 120, f"rank {rank}'s first batch")
+    return pipe.trainers + pipe.mixers + pipe.decoders + pipe.channels
+
+
+def test_trainer_killed_mid_epoch_stops_pipeline_with_named_error(ray_session, digits_shards, tmp_path):
+    # Data-parallel ranks (gloo): the surviving rank's all-reduce fails too once its peer is gone.
+    spec = make_spec(digits_shards, tmp_path, trainer={"epochs": 5, "model": "digits_cnn", "throttle": {1: 0.05}})
+    pipe = ImagePipeline(spec, show_progress=False)
+    outcome: dict = {}
+    thread = _start_pipeline_in_background(pipe, outcome)
+    try:
+        handles = _handles_once_running(pipe, 1)
+        ray.kill(pipe.trainers[1])
+        killed = time.monotonic()
+        thread.join(timeout=90)
+        assert not thread.is_alive(), "the pipeline hangs after a trainer died"
+        assert time.monotonic() - killed < 45
+    finally:
+        if thread.is_alive():
+            pipe._stop("test failed")
+    error = outcome.get("error")
+    assert isinstance(error, PipelineError), outcome
+    assert re.match(r"trainer r1 \(epoch \d\) died: The actor died", str(error)), str(error)
+    assert "class_name: TrainerRank" in str(error) and "killed by `ray.kill`" in str(error)
+    assert isinstance(error.__cause__, ray.exceptions.ActorDiedError)
+    # Every actor the pipeline started (trainers, mixers, decoders, channels) is gone.
+    assert len(handles) == 2 + 2 + 2 + 2
+    assert all(_dead(h) for h in handles)
+    assert not pipe.trainers and not pipe.mixers and not pipe.decoders and not pipe.channels
+
+
+def test_sigint_during_mixflow_run_stops_pipeline_and_keeps_joined_ray(ray_session, digits_shards, tmp_path,
+                                                                        monkeypatch, capsys):
+    from mixflow import cli
+
+    monkeypatch.setenv("RAY_IGNORE_UNHANDLED_ERRORS", "1")  # the stop sets it; restored after the test
+    handler_before = signal.getsignal(signal.SIGINT)
+    started: list[ImagePipeline] = []
+    original = ImagePipeline._start_actors
+
+    def recording(self, *args, **kwargs):
+        started.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ImagePipeline, "_start_actors", recording)
+    spec = _write_spec(tmp_path / "spec.yaml", digits_shards, tmp_path / "run")
+    handles: list = []
+
+    def interrupt():
+        _wait_until(lambda: bool(started), 120, "the pipeline to start")
+        handles.extend(_handles_once_running(started[0], 0))
+        os.kill(os.getpid(), signal.SIGINT)  # cli's handler is installed while the pipeline runs
+
+    killer = threading.Thread(target=interrupt, daemon=True)
+    killer.start()
+    code = cli.main(["run", str(spec), "--no-progress"])
+    killer.join(timeout=5)
+    out = capsys.readouterr().out
+    assert code == 128 + signal.SIGINT
+    assert "stopped by SIGINT: producers stopped, channels closed" in out
+    assert len(handles) == 8 and all(_dead(h) for h in handles)
+    # Ray was already running (the test session's): mixflow run stops its pipeline, not Ray.
+    assert ray.is_initialized() and ray.get(ray.put(7)) == 7
+    assert signal.getsignal(signal.SIGINT) is handler_before
