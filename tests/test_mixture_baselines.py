@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
 
-from mixflow.mixture.ado import ADOPolicy, PowerLaw, fit_power_law
+from mixflow.mixture.ado import ADOPolicy, PowerLaw, fit_power_law, fit_power_laws
 from mixflow.mixture.doge import DoGEPolicy
 from mixflow.mixture.doremi import DoReMiPolicy
 from mixflow.mixture.odm import ODMPolicy
@@ -198,6 +199,142 @@ def test_ado_fit_recovers_noiseless_power_law():
     assert PowerLaw(1.0, 4.0, 0.5).decrease_rate(400.0) == pytest.approx(0.5 * 4.0 * 400.0 ** -1.5)
     with pytest.raises(ValueError, match=">= 3 distinct token counts"):
         fit_power_law([1.0, 1.0, 2.0], [3.0, 3.0, 2.0])
+
+
+def _reference_fit_power_law(tokens, losses, exponent_bounds=(1e-3, 0.8), grid=64, refine_iters=60):
+    """The per-domain fit ADO used before the batched one (64-point grid, then 60 golden-section
+    steps, a box-constrained weighted least squares solved per exponent): the reference that
+    the batched fit must reproduce, and the baseline of the CPU-time test."""
+    n, loss = np.asarray(tokens, dtype=np.float64), np.asarray(losses, dtype=np.float64)
+    log_x = np.log(n / n.max())
+    w = 1.0 / np.maximum(loss, 1e-12) ** 2
+    e_max = float(loss.min())
+
+    def profile(a):
+        x = np.exp(-a * log_x)
+        sw, swx, swxx = w.sum(), (w * x).sum(), (w * x * x).sum()
+        swl, swxl = (w * loss).sum(), (w * x * loss).sum()
+        candidates = []
+        det = sw * swxx - swx * swx
+        if det > 1e-12 * sw * swxx:
+            e, b = (swxx * swl - swx * swxl) / det, (sw * swxl - swx * swl) / det
+            if 0.0 <= e <= e_max and b >= 0.0:
+                candidates.append((e, b))
+        candidates += [(e, max((swxl - e * swx) / swxx, 0.0)) for e in (0.0, e_max)]
+        candidates.append((min(max(swl / sw, 0.0), e_max), 0.0))
+        return min((float((w * (loss - e - b * x) ** 2).sum()), e, b) for e, b in candidates)
+
+    golden = (math.sqrt(5.0) - 1.0) / 2.0
+    exps = np.linspace(exponent_bounds[0], exponent_bounds[1], grid)
+    k = int(np.argmin([profile(a)[0] for a in exps]))
+    left, right = exps[max(k - 1, 0)], exps[min(k + 1, grid - 1)]
+    c, d = right - golden * (right - left), left + golden * (right - left)
+    fc, fd = profile(c)[0], profile(d)[0]
+    for _ in range(refine_iters):
+        if fc < fd:
+            right, d, fd = d, c, fc
+            c = right - golden * (right - left)
+            fc = profile(c)[0]
+        else:
+            left, c, fc = c, d, fd
+            d = left + golden * (right - left)
+            fd = profile(d)[0]
+    _, e, b_ref, a = min((profile(a) + (a,) for a in (exps[k], c, d)), key=lambda r: r[0])
+    return PowerLaw(float(e), float(b_ref * n.max() ** a), float(a))
+
+
+def _random_law_points(rng, domains, low=8, high=200):
+    """Points of random laws, every third domain noiseless, the others with 0.1% or 1% noise."""
+    tokens, losses = [], []
+    for d in range(domains):
+        n = np.cumsum(rng.uniform(100, 5000, int(rng.integers(low, high))))
+        e, b, a = rng.uniform(0.0, 2.5), rng.uniform(2, 60), rng.uniform(0.05, 0.75)
+        noise = (0.0, 1e-3, 1e-2)[d % 3]
+        tokens.append(n)
+        losses.append((e + b * n ** -a) * (1 + noise * rng.normal(size=len(n))))
+    return tokens, losses
+
+
+def _sse(law, n, loss):
+    return float((((loss - law(n)) / loss) ** 2).sum())
+
+
+def test_ado_batched_fit_equals_per_domain_reference_on_random_laws():
+    tokens, losses = _random_law_points(np.random.default_rng(7), 24)
+    batched = fit_power_laws(tokens, losses)
+    for n, loss, law in zip(tokens, losses, batched):
+        ref = _reference_fit_power_law(n, loss)
+        # never a worse fit (up to rounding), and the same law: the curve to 1e-7, the learning
+        # speed ADO uses to 1e-6; e alone is loose along the valley e + b n^-a of noisy data
+        assert _sse(law, n, loss) <= _sse(ref, n, loss) * (1 + 1e-9) + 1e-18
+        np.testing.assert_allclose(law(n), ref(n), rtol=1e-7)
+        assert law.decrease_rate(n[-1]) == pytest.approx(ref.decrease_rate(n[-1]), rel=1e-6)
+        assert law.exponent == pytest.approx(ref.exponent, rel=1e-6)
+        assert law.scale == pytest.approx(ref.scale, rel=1e-6)
+        assert law.irreducible == pytest.approx(ref.irreducible, abs=1e-5)
+    # one domain alone gives the law it gets in the batch; points need not be sorted
+    order = np.random.default_rng(8).permutation(len(tokens[4]))
+    alone = fit_power_law(tokens[4][order], losses[4][order])
+    assert alone.exponent == pytest.approx(batched[4].exponent, rel=1e-9)
+    assert alone.scale == pytest.approx(batched[4].scale, rel=1e-9)
+    with pytest.raises(ValueError, match="domain 1: a power law needs points at >= 3 distinct token counts"):
+        fit_power_laws([tokens[0], [5.0, 5.0, 6.0]], [losses[0], [2.0, 2.0, 1.0]])
+    with pytest.raises(ValueError, match="tokens and losses must list the same domains"):
+        fit_power_laws(tokens[:2], losses[:1])
+
+
+def test_ado_incremental_refits_equal_a_fresh_fit_of_the_points():
+    # grid sums kept point by point, pairs merged at max_points, refits warm-started from the
+    # previous exponent: the laws still equal a fresh batched fit of the domains' points
+    true = [PowerLaw(1.0, 30.0, 0.4), PowerLaw(0.5, 8.0, 0.15), PowerLaw(2.0, 50.0, 0.7)]
+    policy = ADOPolicy(3, min_points=4, refit_every=1, max_points=20)
+    rng = np.random.default_rng(3)
+    for step in range(1, 60):
+        n = 256.0 * step
+        loss = np.array([law(n) for law in true]) * rng.uniform(0.995, 1.005, 3)
+        loss[step % 3] = NAN  # each domain misses every third report
+        policy.observe(fb(policy, train_loss=loss, tokens=[256.0] * 3))
+    points = policy.points
+    assert all(len(xs) <= 20 for xs, _ in points)  # each domain had 39 or 40 points: merged
+    # the sums kept point by point are, bit for bit, the sums a restored policy recomputes
+    restored = ADOPolicy(3, min_points=4, refit_every=1, max_points=20)
+    restored.load_state_dict(json.loads(json.dumps(policy.state_dict())))
+    np.testing.assert_array_equal(restored._sums, policy._sums)
+    fresh = fit_power_laws([xs for xs, _ in points], [ys for _, ys in points])
+    for law, ref in zip(policy.laws, fresh):
+        assert law.exponent == pytest.approx(ref.exponent, rel=1e-8)
+        assert law.scale == pytest.approx(ref.scale, rel=1e-8)
+        assert law.irreducible == pytest.approx(ref.irreducible, rel=1e-8, abs=1e-10)
+
+
+def test_ado_64_domain_refit_costs_far_less_cpu_than_per_domain_loop():
+    # CPU seconds of this process (never wall-clock): the policy's refit of 64 domains with
+    # 48 and 58 points each, and a fresh batched fit of the same points, against the
+    # per-domain loop of the reference fit on those points, measured here
+    m, reports = 64, 60
+    tokens, losses = _random_law_points(np.random.default_rng(11), m, low=reports + 1, high=reports + 2)
+    policy = ADOPolicy(m, min_points=8, refit_every=10)
+    refit_cpu = []
+    for i in range(reports):
+        trained = [n[i] - (n[i - 1] if i else 0.0) for n in tokens]
+        report = fb(policy, train_loss=[loss[i] for loss in losses], tokens=trained)
+        start = time.process_time()
+        policy.observe(report)
+        if policy.since_fit == 0 and i >= 40:  # the refits after 48 and 58 reports, of all 64 domains
+            refit_cpu.append(time.process_time() - start)
+    assert len(refit_cpu) == 2 and all(law is not None for law in policy.laws)
+    points = policy.points
+    start = time.process_time()
+    reference = [_reference_fit_power_law(xs, ys) for xs, ys in points]
+    loop_cpu = time.process_time() - start
+    start = time.process_time()
+    batched = fit_power_laws([xs for xs, _ in points], [ys for _, ys in points])
+    batched_cpu = time.process_time() - start
+    assert 5 * min(refit_cpu) <= loop_cpu, f"refit {refit_cpu} s vs per-domain loop {loop_cpu} s"
+    assert 5 * batched_cpu <= loop_cpu, f"batched fit {batched_cpu} s vs per-domain loop {loop_cpu} s"
+    n_last = points[0][0][-1]
+    for fresh, ref in zip(batched, reference):
+        assert fresh.decrease_rate(n_last) == pytest.approx(ref.decrease_rate(n_last), rel=1e-6)
 
 
 def _ado_report(policy, n, laws, tokens=(100.0, 100.0)):
