@@ -182,9 +182,10 @@ def _refine(log_ratio: np.ndarray, w: np.ndarray, losses: np.ndarray, moments: n
         newton = a + step
         newton_ok = (hess > 0) & (newton > left) & (newton < right)
         size = np.abs(step)
-        # converged, or at the rounding floor of f' (tiny steps that stopped shrinking)
-        done = (grad == 0) | (right - left <= tol) | (newton_ok & ((size <= tol) | (size <= 1e3 * tol) & (
-            size >= 0.5 * last_size))) | (it == max_iters - 1)
+        # converged (a step under tol, whether or not it rounds onto the bracket's end), or at
+        # the rounding floor of f' (tiny steps that stopped shrinking)
+        done = (grad == 0) | (right - left <= tol) | (hess > 0) & (
+            (size <= tol) | (size <= 1e3 * tol) & (size >= 0.5 * last_size)) | (it == max_iters - 1)
         out[:, live[done]] = np.stack([a, e, b, sse])[:, done]
         keep = ~done
         if not keep.any():
