@@ -124,3 +124,42 @@ def test_resume_rejects_a_checkpoint_of_another_setup(text_domains, tmp_path):
     state = {"format": "mixflow-token-pipeline/1", "seed": 99, "ranks_count": 2, "step": 3}
     with pytest.raises(ValueError, match="checkpoint has seed=99, the spec has seed=3"):
         TokenPipeline(token_spec(text_domains, tmp_path, "odm"), show_progress=False, resume_from=state).run()
+
+
+def test_controller_restart_keeps_policy_state_and_stream(ray_session, text_domains, tmp_path):
+    """ray.kill of the controller mid-run: Ray restarts it, it reloads its state file, the ranks'
+    calls are retried, and the run ends with every step delivered once and versions never reset."""
+    import threading
+
+    import ray
+
+    from mixflow.runtime.token_pipeline import TokenPipeline
+
+    raw = token_spec(text_domains, tmp_path, "aioli", AIOLI_SMALL, steps=40).model_dump()
+    raw["trainer"]["model"] = "unigram"
+    pipe = TokenPipeline(validate_spec(raw), show_progress=False)
+    killed = {}
+
+    def kill_midway():
+        while not pipe.trainers or pipe.controller is None:
+            threading.Event().wait(0.05)
+        while ray.get(pipe.trainers[0].progress.remote())["steps"] < 12:
+            threading.Event().wait(0.05)
+        killed["pid"] = ray.get(pipe.controller.pid.remote())
+        killed["version"] = ray.get(pipe.controller.stats.remote())["version"]
+        ray.kill(pipe.controller, no_restart=False)
+
+    thread = threading.Thread(target=kill_midway, daemon=True)
+    thread.start()
+    summary = pipe.run()
+    thread.join(timeout=5)
+    assert killed, "the controller was never killed"
+    assert summary.controller["restored"] is True
+    assert summary.controller["version"] > killed["version"]
+    versions = [t["version"] for t in summary.trajectory]
+    assert versions == list(range(len(versions)))  # one trajectory, no reset after the restart
+    for rank in summary.batches:
+        assert [b["step"] for b in rank] == list(range(40))
+        keys = [k for b in rank for k in b["keys"]]
+        assert len(keys) == len(set(keys))
+    _check_versions(summary, 8)

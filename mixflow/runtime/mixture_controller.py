@@ -140,7 +140,7 @@ class MixtureController:
 
     def state_dict(self) -> dict[str, Any]:
         return {"policy": _plain(self.policy.state_dict()), "merger": self.merger.state_dict(),
-                "trajectory": self.trajectory, "stale_reports": self.stale_reports,
+                "trajectory": self.trajectory, "stale_reports": self.stale_reports, "merged_log": self.merged_log,
                 "assigned": {str(k): v for k, v in self._assigned.items()},
                 "used": {str(k): v for k, v in self._used.items()}}
 
@@ -152,6 +152,7 @@ class MixtureController:
         self.merger.load_state_dict(state["merger"])
         self.trajectory = list(state["trajectory"])
         self.stale_reports = int(state["stale_reports"])
+        self.merged_log = list(state["merged_log"])
         self._assigned = {int(k): v for k, v in state["assigned"].items()}
         self._used = {int(k): v for k, v in state["used"].items()}
 
