@@ -45,9 +45,13 @@ class WebDatasetSource:
         self._order = np.empty((0, 2), np.int64)
         self.set_epoch(0)
 
-    def set_epoch(self, epoch: int, position: int = 0) -> None:
-        mine = assign_shards(self._counts, self.num_readers, self.seed, epoch)[self.reader]
-        self._order = sample_order(mine, self._counts, self.shuffle_window, self.seed, epoch, self.reader)
+    def set_epoch(self, epoch: int, position: int = 0, order: np.ndarray | None = None) -> None:
+        """Start ``epoch`` at ``position``; ``order`` (rows ``(shard, sample)``) replaces the seeded
+        sequence, e.g. the rest of an epoch handed to this reader by an elastic resume."""
+        if order is None:
+            mine = assign_shards(self._counts, self.num_readers, self.seed, epoch)[self.reader]
+            order = sample_order(mine, self._counts, self.shuffle_window, self.seed, epoch, self.reader)
+        self._order = np.asarray(order, dtype=np.int64).reshape(-1, 2)
         self.epoch = epoch
         self.position = position
 

@@ -67,11 +67,21 @@ def dali_failure(exc: BaseException) -> str:
 
 
 class DecodeStage:
-    """Produces decoded batches ``{keys, labels, images}`` for one reader, one epoch at a time."""
+    """Decoded batches ``{keys, labels, images, ...}`` of one reader, addressed by ``(epoch, index)``.
+
+    ``batch(epoch, index)`` is a pure function of the seed, the reader and the shards
+    (the crop windows and flips come from ``(seed, epoch, "crop", reader, index)``), so a
+    retried, replayed or resumed request returns the same batch, and a restarted reader
+    is positioned at any batch without decoding the ones before it. Batch ``index``
+    starts where batch ``index - 1`` ended in the reader's epoch sequence: at
+    ``index * batch_size`` unless bad samples were skipped (``on_error: skip``), in which
+    case the boundaries are found by checking sample headers (no decoding). The
+    sequential ``start_epoch`` / ``next_batch`` walk the same batches in order.
+    """
 
     def __init__(self, shards: list[ShardInfo], reader: int, num_readers: int, spec: DecodeSpec,
                  batch_size: int, num_classes: int, seed: int = 0, shuffle_window: int = 4,
-                 on_error: str = "raise", device: str = "cpu"):
+                 on_error: str = "raise", device: str = "cpu", epoch_orders: dict[int, np.ndarray] | None = None):
         self.source = WebDatasetSource(shards, reader, num_readers, seed, shuffle_window)
         self.spec = spec
         self.batch_size = batch_size
@@ -80,7 +90,10 @@ class DecodeStage:
         self.reader = reader
         self.device = device
         self.policy = BadSamplePolicy(on_error)
-        self.batch_index = 0
+        self.epoch_orders = dict(epoch_orders or {})  # epoch -> rows (shard, sample) replacing the seeded order
+        self._epoch: int | None = None
+        self._starts: dict[int, int] = {}  # batch index -> start position, for the current epoch
+        self._walk = (0, 0)  # (epoch, next index) of the sequential walk
         self.decoder = self._new_decoder()
 
     def _new_decoder(self) -> DaliImageDecoder:
@@ -88,48 +101,102 @@ class DecodeStage:
         return DaliImageDecoder(s.size, self.batch_size, self.device, s.threads, s.antialias, s.normalize,
                                 s.mean, s.std)
 
-    def warm_up(self) -> None:
-        """Decode the first batch once and rewind, so DALI's first-run allocations happen at start-up."""
-        state = self.state_dict()
-        self.next_batch()
+    def warm_up(self, epoch: int = 0) -> None:
+        """Decode the first batch of ``epoch`` once, so DALI's first-run allocations happen at start-up.
+
+        A bad sample met here is left for the real request to report (it names the stage).
+        """
+        try:
+            self.batch(epoch, 0)
+        except DataError:
+            pass
         self.policy.drain()
-        self.load_state_dict(state)
 
-    def start_epoch(self, epoch: int) -> None:
-        self.source.set_epoch(epoch)
-        self.batch_index = 0
+    def _use_epoch(self, epoch: int) -> None:
+        if self._epoch != epoch:
+            self.source.set_epoch(epoch, order=self.epoch_orders.get(epoch))
+            self._epoch = epoch
+            self._starts = {0: 0}
 
-    def state_dict(self) -> dict[str, int]:
-        return {**self.source.state_dict(), "batch_index": self.batch_index}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.source.load_state_dict(state)
-        self.batch_index = int(state["batch_index"])
-
-    def _collect(self) -> list[CheckedSample]:
+    def _collect(self, start: int) -> tuple[list[CheckedSample], list[DataError], int]:
+        """Up to ``batch_size`` samples that pass :func:`check_sample`, read from ``start`` on; the
+        rejected ones; the position after the last sample read."""
+        self.source.position = start
         good: list[CheckedSample] = []
+        rejected: list[DataError] = []
         while len(good) < self.batch_size and self.source.remaining:
             for shard, row in self.source.take(self.batch_size - len(good)):
                 try:
                     good.append(check_sample(self.source.read(shard, row), self.num_classes))
                 except DataError as err:
-                    self.policy.handle(err, self.source.epoch)
-        return good
+                    rejected.append(err)
+        return good, rejected, self.source.position
 
-    def next_batch(self) -> dict | None:
-        """The next decoded batch of this epoch, or ``None`` when the epoch is done."""
-        while samples := self._collect():
-            rng = numpy_rng(self.seed, self.source.epoch, "crop", self.reader, self.batch_index)
+    def _start(self, index: int, hint: int | None) -> int:
+        """Where batch ``index`` starts in this epoch's sequence (``len(source)`` when past the end)."""
+        if index in self._starts:
+            return self._starts[index]
+        if hint is not None:
+            return hint
+        if self.policy.on_error == "raise":  # every earlier sample was good, or the run stopped
+            return min(index * self.batch_size, len(self.source))
+        known = max(i for i in self._starts if i < index)
+        pos = self._starts[known]
+        for i in range(known, index):  # headers only: which samples each earlier batch held
+            if pos >= len(self.source):
+                return pos
+            pos = self._collect(pos)[2]
+            self._starts[i + 1] = pos
+        return pos
+
+    def batch(self, epoch: int, index: int, start: int | None = None) -> dict | None:
+        """Batch ``index`` of ``epoch``, or ``None`` past the epoch's end.
+
+        ``start`` (optional) is where the batch starts, when the caller knows it from the
+        previous batch's ``end``. The result has ``start``/``end`` (positions in the
+        reader's epoch sequence) and ``skipped`` (quarantine records of the samples in that
+        range that could not be used). When every sample was bad, ``keys`` is empty and
+        ``images`` is ``None``: the batch still counts, so the next index follows it.
+        """
+        if index < 0:
+            raise ValueError(f"batch index must be >= 0, got {index}")
+        self._use_epoch(epoch)
+        start = self._start(index, start)
+        if start >= len(self.source):
+            return None
+        samples, rejected, end = self._collect(start)
+        for err in rejected:
+            self.policy.handle(err, epoch)
+        self._starts[index + 1] = end
+        images = None
+        if samples:
+            rng = numpy_rng(self.seed, epoch, "crop", self.reader, index)
             anchors, shapes = random_resized_crop_windows(
                 np.array([s.height for s in samples]), np.array([s.width for s in samples]),
                 self.spec.scale, self.spec.ratio, rng)
             flips = (rng.random(len(samples)) < self.spec.flip_prob).astype(np.int32)
             images, samples = self._decode(samples, anchors, shapes, flips)
-            self.batch_index += 1
-            if samples:  # else DALI rejected every sample (each recorded): try the next batch
-                return {"keys": [s.key for s in samples], "labels": np.array([s.label for s in samples], np.int64),
-                        "images": images, "epoch": self.source.epoch, "reader": self.reader,
-                        "index": self.batch_index - 1}
+        return {"keys": [s.key for s in samples], "labels": np.array([s.label for s in samples], np.int64),
+                "images": images, "epoch": epoch, "reader": self.reader, "index": index, "start": start,
+                "end": end, "skipped": self.policy.drain()}
+
+    def start_epoch(self, epoch: int) -> None:
+        """Begin the sequential walk of ``epoch`` (see :meth:`next_batch`)."""
+        self._walk = (epoch, 0)
+
+    def next_batch(self) -> dict | None:
+        """The next non-empty batch of the walk, or ``None`` at the epoch's end; the quarantine
+        records of any all-bad batch passed over are added to the returned batch's ``skipped``
+        (at the epoch's end, with no batch left to carry them, they stay in ``policy.records``)."""
+        epoch, index = self._walk
+        carried = []
+        while (out := self.batch(epoch, index)) is not None:
+            index += 1
+            self._walk = (epoch, index)
+            carried += out["skipped"]
+            if out["keys"]:
+                return {**out, "skipped": carried}
+        self.policy.records = carried + self.policy.records
         return None
 
     def _decode(self, samples, anchors, shapes, flips):

@@ -1,0 +1,271 @@
+"""Checkpoint/resume, elastic resume and actor/node failure of the image pipeline (real Ray, DALI, shards).
+
+Digests are ``(step, keys, crc32 of pixels, crc32 of soft targets)`` per delivered batch,
+so "equal digests" means the same batches, key for key and tensor for tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mixflow.data.listing import dataset_keys, list_shards
+from mixflow.runtime import image_checkpoint as ckpt
+from mixflow.runtime.image_pipeline import ImagePipeline
+from tests.conftest import make_spec
+
+SECTIONS = {"trainer": {"ranks": 2, "epochs": 2, "batch_size": 32, "model": "none"},
+            "runtime": {"readers_per_rank": 2, "prefetch": 2}}
+
+
+def _spec(shards, tmp_path, **over):
+    sections = {k: {**v, **over.pop(k, {})} for k, v in SECTIONS.items()}
+    return make_spec(shards, tmp_path, **sections, **over)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, digits_shards, tmp_path_factory):
+    pipe = ImagePipeline(_spec(digits_shards, tmp_path_factory.mktemp("full")), show_progress=False,
+                         record_digests=True)
+    summary = pipe.run()
+    assert summary.exactly_once
+    return pipe.digests
+
+
+def _keys(digests: list) -> list[str]:
+    return [k for d in digests for k in d[1]]
+
+
+# --- pure parts of the state -------------------------------------------------------------
+
+
+def test_elastic_cuts_split_the_rest_of_the_epoch_without_loss_or_repeat(digits_shards):
+    shards = list_shards(digits_shards)
+    rows4 = ckpt.epoch_rows(shards, 7, 4, 1, 4, [])
+    total = sum(len(r) for r in rows4)
+    assert total == 1797
+    consumed = [5, 0, 17, len(rows4[3])]
+    rows3 = ckpt.epoch_rows(shards, 7, 4, 1, 3, [{"readers": 4, "consumed": consumed}])
+    assert [len(r) for r in rows3] == [len(x) for x in np.array_split(np.zeros(total - sum(consumed)), 3)]
+    # A second cut on top of the first: the three stages together hold every row exactly once.
+    second = [3, 0, 1]
+    rows2 = ckpt.epoch_rows(shards, 7, 4, 1, 2, [{"readers": 4, "consumed": consumed},
+                                                 {"readers": 3, "consumed": second}])
+    seen = [tuple(x) for r, c in zip(rows4, consumed) for x in r[:c]]
+    seen += [tuple(x) for r, c in zip(rows3, second) for x in r[:c]]
+    seen += [tuple(x) for r in rows2 for x in r]
+    assert len(seen) == len(set(seen)) == 1797
+    # The rest keeps reader order: the first reader's unread rows come first.
+    assert np.array_equal(rows3[0][:len(rows4[0]) - 5], rows4[0][5:])
+
+
+def test_state_checks_name_the_differing_fields(digits_shards, tmp_path):
+    shards = list_shards(digits_shards)
+    state = ckpt.initial_state(_spec(digits_shards, tmp_path), shards)
+    other = _spec(digits_shards, tmp_path, seed=8, decode={"size": [32, 32]})
+    with pytest.raises(ValueError) as err:
+        ckpt.check_resumable(state, other, shards)
+    assert "seed (state: 7, spec: 8)" in str(err.value)
+    assert "decode.size (state: [24, 24], spec: [32, 32])" in str(err.value)
+    with pytest.raises(ValueError, match="format must be 'mixflow.image-pipeline-state/1'"):
+        ckpt.check_resumable({"format": "x"}, other, shards)
+    with pytest.raises(ValueError, match="epoch 2 but trainer.epochs is 2"):
+        ckpt.check_resumable({**state, "epoch": 2}, _spec(digits_shards, tmp_path), shards)
+    with pytest.raises(ValueError, match="unknown actor kind"):
+        ImagePipeline(_spec(digits_shards, tmp_path), actor_options={"reader": {}})
+
+
+def test_state_of_ranks_that_finished_points_at_the_next_epoch(digits_shards, tmp_path):
+    spec, shards = _spec(digits_shards, tmp_path), list_shards(digits_shards)
+    done = {"rank": 0, "position": {"epoch": 0, "step": 28, "cursor": 30, "starts": [458, 441], "done": True},
+            "skipped": [], "cuts": [], "skipped_before_cuts": []}
+    mid = {"rank": 1, "position": {"epoch": 0, "step": 3, "cursor": 3, "starts": [64, 32]}, "skipped": [],
+           "cuts": [], "skipped_before_cuts": []}
+    state = ckpt.build_state(spec, shards, [done, mid])
+    assert state["epoch"] == 0 and state["rank_states"][0]["position"]["done"]
+    # Rank 0 consumed all of its readers' rows, rank 1 its first 64 + 32.
+    rows = ckpt.epoch_rows(shards, 7, 4, 0, 4, [])
+    assert ckpt.consumed_counts(state, rows) == [len(rows[0]), len(rows[1]), 64, 32]
+    assert len(ckpt.delivered_before(state, shards)) == len(rows[0]) + len(rows[1]) + 96
+    ahead = {**mid, "position": {"epoch": 1, "step": 2, "cursor": 2, "starts": [64, 0]}}
+    state = ckpt.build_state(spec, shards, [done, ahead])
+    assert state["epoch"] == 1
+    assert state["rank_states"][0]["position"] == ckpt.fresh_position(1)
+    with pytest.raises(ValueError, match="rank 1 is at .* the state.s epoch is 0"):
+        ckpt.build_state(spec, shards, [{**mid, "rank": 0}, ahead])
+
+
+# --- Ray: exact resume, elastic resume -----------------------------------------------------
+
+
+def test_resume_at_random_cut_points_continues_the_exact_stream(uninterrupted, digits_shards, tmp_path):
+    rng = np.random.default_rng(2024)
+    cuts = [(0, int(rng.integers(1, 27))), (1, int(rng.integers(1, 27)))]
+    parts: dict[int, list] = {0: [], 1: []}
+    resume = None
+    for i, cut in enumerate([*cuts, None]):
+        pipe = ImagePipeline(_spec(digits_shards, tmp_path / str(i)), show_progress=False, record_digests=True,
+                             resume_from=resume)
+        summary = pipe.run(stop_at=cut)
+        for rank, digests in pipe.digests.items():
+            parts[rank] += digests
+            if cut is not None:  # every rank stopped right after its cut's step
+                assert digests[-1][0] == cut[1] - 1
+        for ledger in summary.ledgers:
+            assert ledger.exactly_once, ledger.describe()
+            assert ledger.delivered == 1797
+        if i == 1:  # epoch 0 was resumed in this run: its first part came from the state
+            assert summary.ledgers[0].before_resume == 2 * 32 * cuts[0][1]
+        if cut is not None:
+            resume = tmp_path / str(i) / "run" / "pipeline_state.json"  # resumed from the saved file
+            state = json.loads(resume.read_text())
+            assert state["epoch"] == cut[0]
+            assert [rs["position"]["step"] for rs in state["rank_states"]] == [cut[1], cut[1]]
+    for rank in (0, 1):
+        assert parts[rank] == uninterrupted[rank]  # keys, pixel crc, target crc: batch for batch
+
+
+def test_elastic_resume_two_ranks_to_one_delivers_the_epoch_once(ray_session, digits_shards, tmp_path):
+    first = ImagePipeline(_spec(digits_shards, tmp_path / "a"), show_progress=False, record_digests=True)
+    first.run(stop_at=(0, 10))
+    state = first.state_dict()
+    before = _keys([d for digests in first.digests.values() for d in digests])
+    assert len(before) == 2 * 10 * 32
+    one = _spec(digits_shards, tmp_path / "b", trainer={"ranks": 1})
+    second = ImagePipeline(one, show_progress=False, record_digests=True, resume_from=state)
+    summary = second.run()
+    assert list(second.digests) == [0]
+    ledger0, ledger1 = summary.ledgers
+    assert ledger0.exactly_once and ledger1.exactly_once, (ledger0.describe(), ledger1.describe())
+    assert ledger0.before_resume == len(before) and ledger0.per_rank == {0: 1797 - len(before)}
+    assert ledger1.per_rank == {0: 1797}
+    # Independently of the ledger: before + after is the dataset, each key once.
+    after0 = _keys(second.digests[0])[:1797 - len(before)]
+    assert sorted(before + after0) == sorted(dataset_keys(list_shards(digits_shards)))
+
+
+# --- Ray: actor failure ---------------------------------------------------------------------
+
+
+def _kill_when(pipe: ImagePipeline, samples: int, kinds: list[str], killed: list) -> threading.Thread:
+    """Kill (with restart) one actor of each kind in ``kinds`` once rank 0 consumed ``samples``;
+    ``killed`` gets ``(kind, pid before, pid after the restart, samples consumed at the kill)``."""
+    import ray
+
+    def work():
+        while not pipe.trainers:
+            time.sleep(0.05)
+        trainer = pipe.trainers[0]
+        while ray.get(trainer.progress.remote())["samples"] < samples:
+            time.sleep(0.05)
+        for kind in kinds:
+            actor = {"decoder": pipe.decoders[1], "mixer": pipe.mixers[0]}[kind]
+            pid = ray.get(actor.placement.remote())["pid"]
+            at = ray.get(trainer.progress.remote())["samples"]
+            ray.kill(actor, no_restart=False)
+            killed.append((kind, pid, ray.get(actor.placement.remote())["pid"], at))  # waits for the restart
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_killed_reader_and_mixer_restart_and_the_stream_goes_on_unchanged(uninterrupted, digits_shards,
+                                                                         tmp_path):
+    # Slow ranks so the kills land mid-epoch with batches queued in the channel and in flight.
+    spec = _spec(digits_shards, tmp_path, trainer={"throttle": {0: 0.03, 1: 0.03}})
+    pipe = ImagePipeline(spec, show_progress=False, record_digests=True)
+    killed: list = []
+    thread = _kill_when(pipe, 8 * 32, ["decoder", "mixer"], killed)
+    summary = pipe.run()
+    thread.join(timeout=5)
+    assert [k[0] for k in killed] == ["decoder", "mixer"]
+    assert all(before != after for _, before, after, _ in killed)  # both were restarted
+    assert all(at < 1797 // 2 for *_, at in killed)  # mid-epoch 0 (rank 0 gets half the epoch)
+    for ledger in summary.ledgers:
+        assert ledger.exactly_once, ledger.describe()
+    assert pipe.digests[0] == uninterrupted[0] and pipe.digests[1] == uninterrupted[1]
+
+
+# --- Ray: losing the node that runs the readers ---------------------------------------------
+
+NODE_FAILURE = textwrap.dedent('''
+    import json, os, signal, sys, threading, time
+    import ray
+    from ray.cluster_utils import Cluster
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from mixflow.config import validate_spec
+    from mixflow.runtime.image_pipeline import ImagePipeline
+
+    raw = json.loads(sys.argv[1])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 120 * 2**20})
+    node_b = cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, log_to_driver=False)
+    node_b_id = node_b.node_id
+    head_id = ray.get_runtime_context().get_node_id()
+    # Soft affinity places an actor only if it asks for some resource (zero-CPU actors go elsewhere).
+    readers = {"num_cpus": 0.01, "scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=node_b_id, soft=True)}
+    head = {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id=head_id, soft=False)}
+    pipe = ImagePipeline(validate_spec(raw), show_progress=False,
+                         actor_options={"decoder": readers, "mixer": head, "trainer": head, "channel": head})
+    seen = {}
+
+    def remove_b():
+        while not pipe.trainers:
+            time.sleep(0.05)
+        while ray.get(pipe.trainers[0].progress.remote())["samples"] < 6 * 32:
+            time.sleep(0.05)
+        places = [ray.get(d.placement.remote()) for d in pipe.decoders]
+        seen["before"] = [p["node_id"] for p in places]
+        seen["removed_at"] = ray.get(pipe.trainers[0].progress.remote())["samples"]
+        # The machine goes away: its raylet and (on one host, they would linger) its worker processes.
+        cluster.remove_node(node_b, allow_graceful=False)
+        for p in places:
+            os.kill(p["pid"], signal.SIGKILL)
+        after, deadline = {}, time.time() + 120
+        while len(after) < len(pipe.decoders) and time.time() < deadline:  # until every reader restarted elsewhere
+            for i, d in enumerate(pipe.decoders):
+                try:
+                    node = ray.get(d.placement.remote(), timeout=5)["node_id"]
+                except Exception:
+                    continue
+                if node != node_b_id:
+                    after[i] = node
+            time.sleep(0.2)
+        seen["after"] = [after.get(i) for i in range(len(pipe.decoders))]
+        seen["moved_at"] = ray.get(pipe.trainers[0].progress.remote())["samples"]
+
+    threading.Thread(target=remove_b, daemon=True).start()
+    summary = pipe.run()
+    print(json.dumps({"before": seen["before"], "after": seen["after"], "removed_at": seen["removed_at"],
+                      "moved_at": seen["moved_at"],
+                      "node_b": node_b_id, "head": head_id, "ledgers": [l.describe() for l in summary.ledgers],
+                      "exactly_once": summary.exactly_once, "samples": summary.samples}))
+    ray.shutdown()
+    cluster.shutdown()
+''')
+
+
+def test_losing_the_readers_node_continues_on_the_other(digits_shards, tmp_path):
+    spec = _spec(digits_shards, tmp_path, trainer={"epochs": 1, "throttle": {0: 0.03, 1: 0.03}})
+    raw = json.loads(spec.model_dump_json())
+    proc = subprocess.run([sys.executable, "-c", NODE_FAILURE, json.dumps(raw)], capture_output=True, text=True,
+                          timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["before"] == [out["node_b"]] * 4  # every reader ran on node B
+    assert out["after"] == [out["head"]] * 4  # ... and was restarted on the head node
+    # The node went away mid-epoch, and rank 0 was still short of its half of the epoch when its
+    # readers were back: the rest of the stream came from readers on the head node.
+    assert out["removed_at"] <= out["moved_at"] < 1797 // 2
+    assert out["exactly_once"], out["ledgers"]
+    assert out["samples"] == 1797
