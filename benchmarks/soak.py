@@ -40,9 +40,10 @@ as JSON.
 
 Usage::
 
-    python benchmarks/soak.py [--minutes 3 | --epochs N] [--demo digits|photos] [--throttle 0.2]
-        [--slow-rank 1] [--ranks 2] [--batch-size 32] [--size 32] [--max-items 64] [--max-bytes 256KiB]
-        [--sample-every 0.5] [--warmup 0.2] [--growth-mib 64] [--out soak.json]
+    python benchmarks/soak.py [--minutes 3 | --epochs N] [--demo digits|photos] [--shards DIR] [--num-classes N]
+        [--throttle 0.2] [--slow-rank 1] [--ranks 2] [--batch-size 32] [--size 32] [--max-items 64]
+        [--max-bytes 256KiB] [--readers-per-rank 1] [--sample-every 0.5] [--warmup 0.2] [--growth-mib 64]
+        [--out soak.json]
 """
 
 from __future__ import annotations
@@ -173,7 +174,7 @@ class SoakReport:
             return f"{v / 1024:.0f}"
 
         lines = [f"{self.name}: {self.epochs} epochs in {self.streaming_s:.1f} s streaming (+{self.startup_s:.1f} s "
-                 f"start-up), {len(self.timeline)} samples every {self.sample_every_s} s; ledger "
+                 f"start-up), {len(self.timeline)} readings every {self.sample_every_s} s; ledger "
                  f"{'exactly once' if self.exactly_once else 'NOT exactly once'}"]
         head = (f"{'rank':>4} {'throttle':>8} {'samples':>8} {'queued KiB':>14} {'in flight KiB':>18} {'ratio':>5} "
                 f"{'verdict':>7} {'mem MiB start>warm>peak':>24} {'growth':>6} {'verdict':>7} {'data wait':>9} "
@@ -190,7 +191,10 @@ class SoakReport:
                 f"{r.longest_gap_s:>4.1f}s {r.put_wait_s:>7.1f}s")
         lines.append(f"in flight: channel peak (queued + producers waiting for credit) vs max_bytes + largest batch; "
                      f"mem: decoders + mixer + channel of the rank, RSS without object-store pages; growth = peak - "
-                     f"warm-up peak (first {self.warmup_fraction:.0%}), limit {mib(self.growth_limit)} MiB")
+                     f"warm-up peak (first {self.warmup_fraction:.0%}), limit {mib(self.growth_limit)} MiB; data wait: "
+                     f"trainer waiting for a batch inside its epochs; barrier: time outside its epochs (the driver "
+                     f"starts each epoch on all ranks together); gap: longest sampled time without a new batch; "
+                     f"put wait: producer waiting for channel credit")
         return "\n".join(lines)
 
 
@@ -334,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     length.add_argument("--epochs", type=int, help="epochs to run instead of --minutes")
     parser.add_argument("--demo", choices=["digits", "photos"], default="digits")
     parser.add_argument("--shards", help="shard directory (default <tmp>/mixflow-soak/<demo>, built when empty)")
+    parser.add_argument("--num-classes", type=int, help="classes in --shards (default: from its classes.json)")
     parser.add_argument("--throttle", type=float, default=0.2, help="slow rank's sleep per step, seconds")
     parser.add_argument("--slow-rank", type=int, default=1)
     parser.add_argument("--ranks", type=int, default=2)
@@ -353,7 +358,10 @@ def main(argv: list[str] | None = None) -> int:
     probe = soak_spec(shards, 10, run_dir, epochs=1, throttle_s=args.throttle, slow_rank=args.slow_rank,
                       ranks=args.ranks, demo=args.demo)
     num_samples = len(dataset_keys(prepare_shards(probe)))
-    num_classes = json.loads((shards / "classes.json").read_text())["num_classes"]
+    classes = shards / "classes.json"
+    if args.num_classes is None and not classes.is_file():
+        parser.error(f"--num-classes: {classes} does not exist; give the number of classes")
+    num_classes = args.num_classes or json.loads(classes.read_text())["num_classes"]
     epochs = args.epochs or epochs_for_minutes(args.minutes, num_samples, args.ranks, args.batch_size, args.throttle)
     spec = soak_spec(shards, num_classes, run_dir, epochs=epochs, throttle_s=args.throttle, slow_rank=args.slow_rank,
                      ranks=args.ranks, batch_size=args.batch_size, size=args.size, max_items=args.max_items,

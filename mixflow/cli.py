@@ -12,7 +12,7 @@ from rich.console import Console
 
 from mixflow.config import parse_bytes
 from mixflow.data.text_domains import MACHINE_DOMAINS
-from mixflow.errors import MixflowError
+from mixflow.errors import ConfigError, MixflowError
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -45,15 +45,15 @@ def _signals_stop_the_run(received: list[int]):
 def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     """Run the spec. On SIGINT/SIGTERM: the pipeline stops its producers, fails its channels, tears
     down the ranks' process groups and kills every actor it created; an embedded Ray this command
-    started is shut down; the exit status is 128 + the signal number."""
+    started is shut down (a cluster it joined, left); the exit status is 128 + the signal number."""
     import ray
 
     from mixflow.config import load_spec
     from mixflow.runtime.ray_session import ensure_ray
 
     spec = load_spec(args.spec, args.set)
-    started_ray = not ray.is_initialized()
-    ensure_ray(spec.runtime.address)  # before the handlers: ray.init installs its own SIGTERM handler
+    connects = not ray.is_initialized()  # this command connects this process to Ray
+    embedded = ensure_ray(spec.runtime.address)  # before the handlers: ray.init sets its own SIGTERM handler
     received: list[int] = []
     with _signals_stop_the_run(received):
         try:
@@ -61,11 +61,10 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
         except KeyboardInterrupt:
             pass  # the pipeline has stopped itself on the way out
         finally:
-            if started_ray:
+            if connects:
                 ray.shutdown()
     signum = received[0] if received else signal.SIGINT
-    where = "embedded Ray shut down" if spec.runtime.address is None else \
-        f"disconnected from Ray at {spec.runtime.address}"
+    where = "embedded Ray shut down" if embedded else "disconnected from Ray" if connects else "Ray left running"
     console.print(f"[red]stopped by {signal.Signals(signum).name}[/]: producers stopped, channels closed, "
                   f"trainer ranks left their process groups, pipeline actors killed; {where}",
                   markup=True, highlight=False)
@@ -73,6 +72,8 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _run_spec(spec, args: argparse.Namespace, console: Console) -> int:
+    if spec.kind == "tokens" and (args.resume or args.stop_at):
+        raise ConfigError([("--resume/--stop-at", "only image pipelines (kind: image) resume from the command line")])
     if spec.kind == "tokens":
         from mixflow.runtime.token_pipeline import TokenPipeline
 
@@ -82,10 +83,24 @@ def _run_spec(spec, args: argparse.Namespace, console: Console) -> int:
         return 0
     from mixflow.runtime.image_pipeline import ImagePipeline
 
-    summary = ImagePipeline(spec, console, show_progress=not args.no_progress).run()
+    try:
+        pipe = ImagePipeline(spec, console, show_progress=not args.no_progress, resume_from=args.resume)
+        summary = pipe.run(stop_at=args.stop_at)
+    except ValueError as exc:  # a state that does not fit the spec, a stop point outside the run
+        raise ConfigError([("--resume/--stop-at", str(exc))]) from None
     summary.render(console)
     console.print(f"summary written to {spec.run_path / 'summary.json'}")
+    if args.stop_at:
+        console.print(f"stopped at epoch {args.stop_at[0]} step {args.stop_at[1]}; resume with "
+                      f"--resume {spec.run_path / 'pipeline_state.json'}")
     return 0 if summary.exactly_once else 3
+
+
+def _epoch_step(value: str) -> tuple[int, int]:
+    epoch, sep, step = value.partition(":")
+    if not sep or not epoch.isdigit() or not step.isdigit():
+        raise argparse.ArgumentTypeError(f"expected EPOCH:STEP (two integers >= 0), got {value!r}")
+    return int(epoch), int(step)
 
 
 def _cmd_token_shards(args: argparse.Namespace, console: Console) -> int:
@@ -148,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                      help="override a spec field, e.g. --set trainer.epochs=1 (repeatable)")
     run.add_argument("--no-progress", action="store_true", help="no live progress display")
+    run.add_argument("--resume", metavar="STATE", help="continue from a pipeline_state.json saved by a stopped run "
+                     "(image pipelines; other ranks/readers_per_rank re-split the rest of the epoch)")
+    run.add_argument("--stop-at", type=_epoch_step, metavar="EPOCH:STEP",
+                     help="stop once every rank consumed STEP batches of EPOCH, saving the state and checkpoints")
     run.set_defaults(func=_cmd_run)
     shards = sub.add_parser("shards", help="write WebDataset tar shards with DALI index files (images) "
                                            "or Parquet token shards (text)")
