@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -158,6 +159,7 @@ def test_sigterm_stops_mixflow_run_and_leaves_no_ray_process(digits_shards, tmp_
     # No raylet, GCS, agent or worker of that Ray instance is left (Ray's own reaping may lag a little).
     _wait_until(lambda: not _living(before), 15, f"Ray processes to exit: {_living(before)}")
     assert not [c for c in (v[2] for v in _processes().values()) if ray_tmp in c]
+    shutil.rmtree(ray_tmp, ignore_errors=True)  # its session logs (kept when the test fails)
 
 
 def _outcome(fn) -> dict:
