@@ -11,7 +11,7 @@ import torch
 
 from mixflow.mix import huge_pages, ops
 from mixflow.mix.huge_pages import empty_like
-from mixflow.mix.ops import blend, paste_boxes, paste_boxes_masked
+from mixflow.mix.ops import blend, blend_or_paste, paste_boxes, paste_boxes_masked
 
 
 def reference_blend(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray) -> torch.Tensor:
@@ -43,7 +43,8 @@ def batch(dtype, shape, seed=0):
 # --------------------------------------------------------------------------- blend
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8, torch.float64, torch.float16, torch.int16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8, torch.float64, torch.float16, torch.bfloat16,
+                                   torch.int16])
 @pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.parametrize("chunk", [1 << 19, 700, 100])  # one chunk; several with a partial last one; one sample
 def test_blend_equals_reference_bit_for_bit(dtype, per_sample, chunk, monkeypatch):
@@ -55,6 +56,20 @@ def test_blend_equals_reference_bit_for_bit(dtype, per_sample, chunk, monkeypatc
     out = blend(x, perm, lam)
     assert out.dtype == dtype and out.shape == x.shape
     assert torch.equal(out, reference_blend(x, perm, lam))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [1 << 19, 700])
+def test_blend_copies_lam_one_samples_and_blends_the_rest(dtype, chunk, monkeypatch):
+    monkeypatch.setattr(ops, "CHUNK_ELEMS", chunk)
+    x = batch(dtype, (13, 3, 7, 9))
+    rng = np.random.default_rng(2)
+    perm = torch.as_tensor(rng.permutation(13))
+    for lam in (np.where(rng.random(13) < 0.5, 1.0, rng.random(13)),  # scattered rows
+                np.where(np.arange(13) % 3 == 0, 1.0, 0.25)):         # one shared lam for the rest
+        out = blend(x, perm, lam)
+        assert torch.equal(out, reference_blend(x, perm, lam))
+        assert torch.equal(out[lam == 1.0], x[lam == 1.0])
 
 
 def test_blend_uint8_rounds_half_to_even_and_keeps_the_range():
@@ -103,7 +118,8 @@ def test_paste_boxes_equals_reference(channels_last, kind, with_base):
         boxes = np.array([[2, 9, 1, 10]])
     else:
         y1, x1 = rng.integers(0, h, n), rng.integers(0, w, n)
-        boxes = np.stack([y1, np.minimum(h, y1 + rng.integers(0, h, n)), x1, np.minimum(w, x1 + rng.integers(0, w, n))], 1)
+        y2, x2 = np.minimum(h, y1 + rng.integers(0, h, n)), np.minimum(w, x1 + rng.integers(0, w, n))
+        boxes = np.stack([y1, y2, x1, x2], 1)
         if kind == "some_empty":
             boxes[::2] = 0
     x0 = x.clone()
@@ -113,6 +129,34 @@ def test_paste_boxes_equals_reference(channels_last, kind, with_base):
     hd, wd = (1, 2) if channels_last else (2, 3)
     masked = paste_boxes_masked(x, perm, np.broadcast_to(boxes, (n, 4)).copy(), hd, wd, x if base is None else base)
     assert torch.equal(masked, out), "the one-kernel path for other devices gives the same batch"
+
+
+def test_paste_boxes_dtype_without_numpy_view():
+    x = batch(torch.float32, (5, 3, 6, 8)).to(torch.bfloat16)  # numpy has no bfloat16: torch slicing instead
+    perm = torch.tensor([4, 3, 2, 1, 0])
+    boxes = np.array([[0, 3, 1, 5], [2, 6, 0, 8], [0, 0, 0, 0], [1, 2, 3, 4], [5, 6, 7, 8]])
+    assert torch.equal(paste_boxes(x, perm, boxes), reference_paste(x, perm, boxes, channels_last=False))
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("chunk", [1 << 19, 500])
+def test_blend_or_paste_equals_blend_then_paste(channels_last, chunk, monkeypatch):
+    monkeypatch.setattr(ops, "CHUNK_ELEMS", chunk)
+    n, h, w = 12, 10, 14
+    x = batch(torch.uint8 if channels_last else torch.float32, (n, h, w, 3) if channels_last else (n, 3, h, w))
+    rng = np.random.default_rng(4)
+    for _ in range(4):
+        perm = torch.as_tensor(rng.permutation(n))
+        cut = rng.random(n) < 0.5
+        lam = np.where(rng.random(n) < 0.2, 1.0, rng.random(n))
+        y1, x1 = rng.integers(0, h, n), rng.integers(0, w, n)
+        boxes = np.stack([y1, np.minimum(h, y1 + 4), x1, np.minimum(w, x1 + 6)], 1)
+        cut_boxes = np.where(cut[:, None], boxes, 0)
+        want = reference_paste(x, perm, cut_boxes, channels_last, base=reference_blend(x, perm, np.where(cut, 1.0, lam)))
+        got = blend_or_paste(x, perm, lam, boxes, cut, "NHWC" if channels_last else "NCHW")
+        assert torch.equal(got, want)
+    nothing = blend_or_paste(x, perm, np.ones(n), np.zeros((n, 4)), np.zeros(n, bool))
+    assert nothing is x
 
 
 def test_paste_boxes_empty_shared_box_copies_the_base():

@@ -15,7 +15,7 @@ from mixflow.mix.cutmix import box_lam, cutmix, cutmix_boxes
 from mixflow.mix.lam import apply_prob, beta_lam, per_mode
 from mixflow.mix.mixed_batch import MixedBatch, unmixed
 from mixflow.mix.mixup import mixup
-from mixflow.mix.ops import blend, paste_boxes, spatial_dims
+from mixflow.mix.ops import blend_or_paste, spatial_dims
 from mixflow.mix.pairing import partner_index
 
 
@@ -54,7 +54,6 @@ def mixup_cutmix(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, 
     if correct_lam or cutmix_minmax is not None:
         lam = np.where(cut & (lam < 1.0), box_lam(boxes, h, w), lam)
     perm_t = torch.as_tensor(perm, device=x.device)
-    blended = blend(x, perm_t, np.where(cut, 1.0, lam))
-    out = paste_boxes(x, perm_t, boxes, layout, base=blended) if cut.any() else blended
+    out = blend_or_paste(x, perm_t, lam, boxes, cut, layout)
     return MixedBatch(out, y, y[perm_t.to(y.device)], torch.as_tensor(lam, dtype=torch.float32),
                       perm_t, num_classes, label_smoothing, "mixup_cutmix")

@@ -41,40 +41,17 @@ CHUNK_ELEMS = 1 << 19
 def blend(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray) -> torch.Tensor:
     """``lam*x + (1-lam)*x[perm]`` in float32 with per-sample ``lam``; uint8 is rounded back.
 
-    Returns ``x`` itself when every lam is 1. Works chunk by chunk over the batch: a
-    float32 batch is written straight into the output, other dtypes go through two
-    chunk-sized float32 buffers. Two products then a sum (no fused multiply-add), so
-    the result equals the plain float reference bit for bit.
+    Returns ``x`` itself when every lam is 1; samples with lam 1 are copied, not computed.
+    Two products then a sum (no fused multiply-add), so the result equals the plain
+    float reference bit for bit.
     """
     lam = np.asarray(lam, dtype=np.float64)
-    if np.all(lam == 1.0):
+    rows = np.flatnonzero(lam != 1.0)
+    if len(rows) == 0:
         return x
     out = empty_like(x)
-    n = len(x)
-    step = max(1, CHUNK_ELEMS // max(1, x[0].numel()))
-    chunk = (min(step, n), *x.shape[1:])
-    uniform = bool(np.all(lam == lam[0]))
-    weights = torch.as_tensor(lam, dtype=torch.float32, device=x.device)
-    partner = torch.empty(chunk, dtype=torch.float32, device=x.device)
-    if x.dtype != torch.float32:
-        own = torch.empty(chunk, dtype=torch.float32, device=x.device)
-        picked = torch.empty(chunk, dtype=x.dtype, device=x.device)
-        # float32 -> int16 -> uint8 is exact for rounded values in 0..255 and several
-        # times faster on CPU than torch's direct float32 -> uint8 conversion.
-        narrow = torch.empty(chunk, dtype=torch.int16, device=x.device) if x.dtype == torch.uint8 else None
-    for i in range(0, n, step):
-        j = min(n, i + step)
-        k = j - i
-        w = weights[i] if uniform else _view(weights[i:j], x)
-        if x.dtype == torch.float32:
-            other = torch.index_select(x, 0, perm[i:j], out=partner[:k]).mul_(1 - w)
-            torch.mul(x[i:j], w, out=out[i:j]).add_(other)
-            continue
-        other = partner[:k].copy_(torch.index_select(x, 0, perm[i:j], out=picked[:k])).mul_(1 - w)
-        mixed = own[:k].copy_(x[i:j]).mul_(w).add_(other)
-        if not x.dtype.is_floating_point:
-            mixed.round_()
-        out[i:j].copy_(mixed if narrow is None else narrow[:k].copy_(mixed))
+    copy_and_paste(x, perm, np.flatnonzero(lam == 1.0), out)
+    blend_rows(x, perm, lam, rows, out)
     return out
 
 
@@ -83,17 +60,12 @@ def paste_boxes(x: torch.Tensor, perm: torch.Tensor, boxes: np.ndarray, layout: 
     """Copy ``x[perm[i]]`` into ``out[i]`` inside box ``(y1, y2, x1, x2)``; empty boxes copy nothing.
 
     ``base`` (default ``x``) is what lies outside the boxes; the output is a fresh batch.
-    On CPU, ``base`` is copied a few MiB of samples at a time and each sample's box is
-    pasted right after, while its rows are still in cache (slice copies through numpy
-    views, whose per-call cost is a tenth of torch indexing). Elsewhere, one gather of the
-    region for a box shared by the batch, or one masked select for per-sample boxes
-    (one kernel instead of ``B``).
+    On CPU see :func:`copy_and_paste`. Elsewhere, one gather of the region for a box
+    shared by the batch, or one masked select for per-sample boxes (one kernel instead of ``B``).
     """
     hd, wd = spatial_dims(x, layout)
     base = x if base is None else base
-    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
-    if len(boxes) == 1:
-        boxes = np.broadcast_to(boxes, (len(x), 4))
+    boxes = per_sample_boxes(boxes, len(x))
     if x.device.type != "cpu":
         if not np.all(boxes == boxes[0]):
             return paste_boxes_masked(x, perm, boxes, hd, wd, base)
@@ -103,21 +75,34 @@ def paste_boxes(x: torch.Tensor, perm: torch.Tensor, boxes: np.ndarray, layout: 
             out[region] = x[region].index_select(0, perm)
         return out
     out = empty_like(base)
-    src, dst = _host_view(x), _host_view(out)
-    source = perm.tolist()
-    step = max(1, PASTE_CHUNK_BYTES // max(1, base[0].numel() * base.element_size()))
-    for i in range(0, len(x), step):
-        j = min(len(x), i + step)
-        out[i:j].copy_(base[i:j])
-        for k in range(i, j):
-            region = _region(x.dim() - 1, hd - 1, wd - 1, boxes[k])
-            if region is not None:
-                dst[k][region] = src[source[k]][region]
+    copy_and_paste(x, perm, np.arange(len(x)), out, base, boxes, hd, wd)
     return out
 
 
-# Copy this many bytes of samples before pasting their boxes (fits the shared cache).
-PASTE_CHUNK_BYTES = 4 * 2**20
+def blend_or_paste(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray, boxes: np.ndarray, cut: np.ndarray,
+                   layout: str = "auto") -> torch.Tensor:
+    """Per sample, CutMix or MixUp: where ``cut``, paste ``x[perm[i]]`` inside box ``i``, elsewhere
+    :func:`blend` with ``lam[i]``; each sample is written once. Returns ``x`` itself when no
+    sample changes (every box empty, every other lam 1)."""
+    hd, wd = spatial_dims(x, layout)
+    lam = np.asarray(lam, dtype=np.float64)
+    cut = np.asarray(cut, dtype=bool)
+    boxes = np.where(cut[:, None], per_sample_boxes(boxes, len(x)), 0)
+    mixed = ~cut & (lam != 1.0)
+    if not mixed.any() and not np.any((boxes[:, 1] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 2])):
+        return x
+    if x.device.type != "cpu":
+        return paste_boxes(x, perm, boxes, layout, base=blend(x, perm, np.where(cut, 1.0, lam)))
+    out = empty_like(x)
+    copy_and_paste(x, perm, np.flatnonzero(~mixed), out, x, boxes, hd, wd)
+    blend_rows(x, perm, lam, np.flatnonzero(mixed), out)
+    return out
+
+
+def per_sample_boxes(boxes: np.ndarray, n: int) -> np.ndarray:
+    """``[n, 4]`` int64 boxes from one box or one per sample."""
+    boxes = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+    return np.broadcast_to(boxes, (n, 4)) if len(boxes) == 1 else boxes
 
 
 def _host_view(t: torch.Tensor):
@@ -126,6 +111,86 @@ def _host_view(t: torch.Tensor):
         return t.detach().numpy()
     except TypeError:
         return t
+
+
+def copy_and_paste(x: torch.Tensor, perm: torch.Tensor, rows: np.ndarray, out: torch.Tensor,
+                   base: torch.Tensor | None = None, boxes: np.ndarray | None = None,
+                   hd: int = 0, wd: int = 0) -> None:
+    """For ``i`` in ``rows``: ``out[i] = base[i]`` (default ``x``), then ``x[perm[i]]`` pasted inside
+    ``boxes[i]`` (spatial dims ``hd``/``wd``) when boxes are given.
+
+    On CPU, sample by sample, so a box is pasted while its sample is still in cache,
+    through numpy views (a tenth of torch indexing's per-call cost, and no multi-threaded
+    region to wait on when other processes hold the cores). Elsewhere, plain copies are
+    one ``index_copy_``.
+    """
+    if len(rows) == 0:
+        return
+    if x.device.type != "cpu" and boxes is None:
+        index = torch.as_tensor(rows, device=x.device)
+        out.index_copy_(0, index, (x if base is None else base).index_select(0, index))
+        return
+    src, dst = _host_view(x), _host_view(out)
+    below = src if base is None else _host_view(base)
+    source = perm.tolist()
+    for i in rows.tolist():
+        dst[i] = below[i]
+        if boxes is not None:
+            region = _region(x.dim() - 1, hd - 1, wd - 1, boxes[i])
+            if region is not None:
+                dst[i][region] = src[source[i]][region]
+
+
+def blend_rows(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray, rows: np.ndarray, out: torch.Tensor) -> None:
+    """``out[i] = lam[i]*x[i] + (1-lam[i])*x[perm[i]]`` for ``i`` in ``rows``, a cache-sized chunk of
+    rows at a time: a float32 batch is written straight into ``out`` where the rows are
+    consecutive, other dtypes go through two chunk-sized float32 buffers and are rounded
+    (integers) and cast back; uint8 via int16, exact for 0..255 and several times faster
+    on CPU than torch's direct float32 -> uint8 conversion."""
+    if len(rows) == 0:
+        return
+    step = max(1, CHUNK_ELEMS // max(1, x[0].numel()))
+    chunk = (min(step, len(rows)), *x.shape[1:])
+    uniform = bool(np.all(lam[rows] == lam[rows[0]]))
+    weights = torch.as_tensor(lam, dtype=torch.float32, device=x.device)
+    partner = torch.empty(chunk, dtype=torch.float32, device=x.device)
+    own = torch.empty(chunk, dtype=torch.float32, device=x.device)
+    picked = torch.empty(chunk, dtype=x.dtype, device=x.device)
+    narrow = torch.empty(chunk, dtype=torch.int16, device=x.device) if x.dtype == torch.uint8 else None
+    rows_t = torch.as_tensor(rows, device=x.device)
+    for s in range(0, len(rows), step):
+        lo, hi = int(rows[s]), int(rows[min(len(rows), s + step) - 1]) + 1
+        k = min(step, len(rows) - s)
+        consecutive = hi - lo == k
+        index = slice(lo, hi) if consecutive else rows_t[s:s + k]
+        w = weights[lo] if uniform else _view(weights[index], x)
+        mine = x[index]
+        other = torch.index_select(x, 0, perm[index], out=picked[:k])
+        other = other.mul_(1 - w) if x.dtype == torch.float32 else partner[:k].copy_(other).mul_(1 - w)
+        if x.dtype == torch.float32:
+            mixed = torch.mul(mine, w, out=out[lo:hi] if consecutive else own[:k]).add_(other)
+            if consecutive:
+                continue
+        else:
+            mixed = own[:k].copy_(mine).mul_(w).add_(other)
+            if not x.dtype.is_floating_point:
+                mixed.round_()
+            mixed = (mixed if narrow is None else narrow[:k].copy_(mixed))
+            if consecutive:
+                out[lo:hi].copy_(mixed)
+                continue
+            mixed = picked[:k].copy_(mixed)
+        _scatter_rows(mixed, out, rows[s:s + k])
+
+
+def _scatter_rows(values: torch.Tensor, out: torch.Tensor, rows: np.ndarray) -> None:
+    """``out[rows[t]] = values[t]`` (numpy row copies on CPU: ``index_copy_`` is several times slower there)."""
+    if out.device.type != "cpu":
+        out.index_copy_(0, torch.as_tensor(rows, device=out.device), values.to(out.dtype))
+        return
+    src, dst = _host_view(values), _host_view(out)
+    for t, i in enumerate(rows.tolist()):
+        dst[i] = src[t]
 
 
 def _region(ndim: int, hd: int, wd: int, box: np.ndarray) -> tuple[slice, ...] | None:

@@ -20,7 +20,7 @@ import torch
 from mixflow.mix.cutmix import box_lam, cutmix_boxes
 from mixflow.mix.lam import apply_prob, beta_lam, per_mode
 from mixflow.mix.mixed_batch import MixedBatch
-from mixflow.mix.ops import blend, paste_boxes, spatial_dims
+from mixflow.mix.ops import blend_or_paste, spatial_dims
 from mixflow.mix.pairing import partner_index
 from mixflow.mix.plans import BoxPlan
 
@@ -47,8 +47,7 @@ def transmix(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, num_
     if correct_lam or minmax is not None:
         lam = np.where(cut & (lam < 1.0), box_lam(boxes, h, w), lam)
     perm_t = torch.as_tensor(perm, device=x.device)
-    blended = blend(x, perm_t, np.where(cut, 1.0, lam))
-    out = paste_boxes(x, perm_t, boxes, layout, base=blended) if cut.any() else blended
+    out = blend_or_paste(x, perm_t, lam, boxes, cut, layout)
     plan = BoxPlan(torch.as_tensor(boxes, device=x.device), (h, w))
     return MixedBatch(out, y, y[perm_t.to(y.device)], torch.as_tensor(lam, dtype=torch.float32),
                       perm_t, num_classes, label_smoothing, "transmix", plan=plan)
