@@ -226,7 +226,7 @@ def test_tikmix_m_state_round_trip_gives_identical_future():
     (TiKMiXDPolicy, dict(tau=0.0), "tau must be a finite number > 0"),
     (TiKMiXDPolicy, dict(reports_per_update=0), "reports_per_update must be >= 1"),
     (TiKMiXMPolicy, dict(target="loss"), "unknown target 'loss'; choose one of influence, eval_loss"),
-    (TiKMiXMPolicy, dict(min_records=80), r"min_records \(80\) must be <= history \(64\)"),
+    (TiKMiXMPolicy, dict(min_records=80, history=64), r"min_records \(80\) must be <= history \(64\)"),
     (TiKMiXMPolicy, dict(ridge=-1.0), "ridge must be a finite number >= 0"),
     (TiKMiXMPolicy, dict(explore=0.0), "explore must be a finite number > 0"),
 ])

@@ -27,7 +27,7 @@ the report's step, not of the mixture, so reports of older versions are used.
 mixture realised under one version (its summed ``Feedback.counts``; the published ``p``
 if no counts came), ``y`` its measured effect — fits a ridge regression ``y ≈ f(x)``
 (:mod:`mixflow.mixture.mixture_regression`, linear or quadratic in ``x``) on the last
-``history`` records with ``y`` standardised, and publishes the maximiser of
+``history`` records (default ``max(64, 2 * min_records)``) with ``y`` standardised, and publishes the maximiser of
 ``f(q) - (1/tau) KL(q || c)``, where the trust region's centre ``c`` is the previous
 model step's answer (``p0`` before the first). Until ``min_records`` records exist it
 explores instead: mixtures drawn from ``Dirichlet(explore * m * c)`` (seeded), so the
@@ -128,7 +128,7 @@ class TiKMiXMPolicy(MixturePolicy):
 
     def __init__(self, num_domains: int, target: str = "influence", tau: float = 0.5,
                  reports_per_update: int = 10, steps_per_update: int = 50, degree: int = 2,
-                 ridge: float = 1e-3, min_records: int | None = None, history: int = 64,
+                 ridge: float = 1e-3, min_records: int | None = None, history: int | None = None,
                  explore: float = 20.0, inner_steps: int = 200, initial: np.ndarray | None = None,
                  floor: float = 0.0, seed: int = 0):
         super().__init__(num_domains, initial, floor)
@@ -138,6 +138,7 @@ class TiKMiXMPolicy(MixturePolicy):
         self.tau = _check_tau(tau)
         self.model = MixtureRegression(num_domains, degree, ridge)
         self.min_records = 2 * num_domains if min_records is None else int(min_records)
+        history = max(64, 2 * self.min_records) if history is None else int(history)
         for name, value in (("reports_per_update", reports_per_update), ("steps_per_update", steps_per_update),
                             ("min_records", self.min_records), ("history", history),
                             ("inner_steps", inner_steps)):
