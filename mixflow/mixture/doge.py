@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from mixflow.mixture.exponentiated_weights import ExponentiatedWeights
 from mixflow.mixture.policy import Feedback, FeedbackWarning, MixturePolicy
 
 
@@ -49,15 +50,11 @@ class DoGEPolicy(MixturePolicy):
             raise ValueError(f"mu must be a finite number > 0, got {mu}")
         self.eta = float(eta)
         self.mu = float(mu)
-        self.alpha = self.p0.copy()
-        self._alpha_sum = np.zeros(num_domains)
-        self.updates = 0
+        self.weights = ExponentiatedWeights(self.p0)
 
     def average_weights(self) -> np.ndarray:
         """DoGE's output: the mean of the alphas after each update (alpha_0 before any)."""
-        if self.updates == 0:
-            return self.alpha.copy()
-        return self._alpha_sum / self.updates
+        return self.weights.average()
 
     def _update(self, feedback: Feedback) -> np.ndarray | None:
         if feedback.grad_dot_val is None:
@@ -73,20 +70,12 @@ class DoGEPolicy(MixturePolicy):
         if np.isnan(w).all():
             return None
         step = float(lr) * np.nan_to_num(w, nan=0.0) / self.mu
-        alpha = self.alpha * np.exp(step - step.max())
-        alpha = alpha / alpha.sum()
-        self.alpha = alpha
-        self._alpha_sum += alpha
-        self.updates += 1
-        return alpha
+        return self.weights.step(step)
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"alpha": self.alpha.tolist(), "alpha_sum": self._alpha_sum.tolist(),
-                "updates": self.updates, "eta": self.eta, "mu": self.mu}
+        return {"weights": self.weights.state_dict(), "eta": self.eta, "mu": self.mu}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self.alpha = np.asarray(state["alpha"], dtype=np.float64)
-        self._alpha_sum = np.asarray(state["alpha_sum"], dtype=np.float64)
-        self.updates = int(state["updates"])
+        self.weights.load_state_dict(state["weights"])
         self.eta = float(state["eta"])
         self.mu = float(state["mu"])

@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from mixflow.mixture.exponentiated_weights import ExponentiatedWeights
 from mixflow.mixture.policy import Feedback, MixturePolicy, clean_losses
 
 
@@ -58,15 +59,11 @@ class DoReMiPolicy(MixturePolicy):
             raise ValueError(f"smoothing must be in [0, 1], got {smoothing}")
         self.eta = float(eta)
         self.smoothing = float(smoothing)
-        self.alpha = self.p0.copy()
-        self._alpha_sum = np.zeros(num_domains)
-        self.updates = 0
+        self.weights = ExponentiatedWeights(self.p0)
 
     def average_weights(self) -> np.ndarray:
         """DoReMi's output: the mean of the alphas after each update (alpha_0 before any)."""
-        if self.updates == 0:
-            return self.alpha.copy()
-        return self._alpha_sum / self.updates
+        return self.weights.average()
 
     def excess_loss(self, feedback: Feedback) -> np.ndarray | None:
         """``lambda`` for this report, or None when it carries no usable losses."""
@@ -116,21 +113,12 @@ class DoReMiPolicy(MixturePolicy):
         if lam is None:
             return None
         step = self.eta * lam
-        alpha = self.alpha * np.exp(step - step.max())
-        alpha = alpha / alpha.sum()
-        alpha = (1.0 - self.smoothing) * alpha + self.smoothing / self.m
-        self.alpha = alpha
-        self._alpha_sum += alpha
-        self.updates += 1
-        return alpha
+        return self.weights.step(step, self.smoothing)
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"alpha": self.alpha.tolist(), "alpha_sum": self._alpha_sum.tolist(),
-                "updates": self.updates, "eta": self.eta, "smoothing": self.smoothing}
+        return {"weights": self.weights.state_dict(), "eta": self.eta, "smoothing": self.smoothing}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self.alpha = np.asarray(state["alpha"], dtype=np.float64)
-        self._alpha_sum = np.asarray(state["alpha_sum"], dtype=np.float64)
-        self.updates = int(state["updates"])
+        self.weights.load_state_dict(state["weights"])
         self.eta = float(state["eta"])
         self.smoothing = float(state["smoothing"])
