@@ -11,6 +11,7 @@ import torch
 
 from mixflow.mix import huge_pages, ops
 from mixflow.mix.huge_pages import empty_like
+from mixflow.mix.mask_ops import apply_mask
 from mixflow.mix.ops import blend, blend_or_paste, paste_boxes, paste_boxes_masked
 
 
@@ -163,6 +164,26 @@ def test_paste_boxes_empty_shared_box_copies_the_base():
     x = batch(torch.uint8, (4, 6, 6, 3))
     out = paste_boxes(x, torch.tensor([1, 2, 3, 0]), np.zeros((4, 4), np.int64))
     assert torch.equal(out, x) and out.data_ptr() != x.data_ptr()
+
+
+# --------------------------------------------------------------------------- binary masks (mask_ops)
+
+
+@pytest.mark.parametrize("shape,layout", [((6, 10, 12, 3), "NHWC"), ((6, 3, 10, 12), "NCHW"), ((6, 40, 2), "NLC"),
+                                          ((6, 1, 40), "NCL"), ((6, 4, 5, 6, 3), "NDHWC")])
+@pytest.mark.parametrize("shared", [True, False])
+def test_apply_mask_binary_per_sample_equals_batched_where(shape, layout, shared):
+    x = batch(torch.uint8 if layout.endswith("C") else torch.float32, shape)
+    last = layout.endswith("C")
+    spatial = shape[1:-1] if last else shape[2:]
+    g = torch.Generator().manual_seed(3)
+    keep = torch.rand((1 if shared else shape[0], *spatial), generator=g) < 0.5
+    perm = torch.tensor([3, 0, 5, 1, 2, 4])
+    k = keep.unsqueeze(-1) if last else keep.unsqueeze(1)
+    want = torch.where(k, x, x[perm])
+    x0 = x.clone()
+    got = apply_mask(x, perm, keep, layout)
+    assert torch.equal(got, want) and torch.equal(x, x0)
 
 
 # --------------------------------------------------------------------------- huge pages

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from mixflow.mix.huge_pages import empty_like
+
 CHANNELS_LAST = {3: "NLC", 4: "NHWC", 5: "NDHWC"}
 CHANNELS_FIRST = {3: "NCL", 4: "NCHW", 5: "NCDHW"}
 
@@ -39,6 +41,8 @@ def spatial_shape(x: torch.Tensor, layout: str = "auto") -> tuple[int, ...]:
 def apply_mask(x: torch.Tensor, perm: torch.Tensor, keep: torch.Tensor, layout: str = "auto") -> torch.Tensor:
     """``keep*x + (1-keep)*x[perm]`` per position; ``keep`` is ``[B or 1, *S]``, bool or float in [0, 1]."""
     keep = keep.unsqueeze(-1) if channels_last(x, layout) else keep.unsqueeze(1)
+    if keep.dtype == torch.bool and x.device.type == "cpu":
+        return _select_per_sample(x, perm, keep)
     partner = x.index_select(0, perm)
     if keep.dtype == torch.bool:
         return torch.where(keep, x, partner)
@@ -47,6 +51,22 @@ def apply_mask(x: torch.Tensor, perm: torch.Tensor, keep: torch.Tensor, layout: 
     # Two products then a sum (no fused multiply-add), so it equals the plain float reference.
     mixed = torch.mul(x, w).add_(partner.to(ct).mul_(1 - w))
     return mixed.round_().to(torch.uint8) if x.dtype == torch.uint8 else mixed.to(x.dtype)
+
+
+def _select_per_sample(x: torch.Tensor, perm: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """CPU, binary masks: one ``torch.where`` per sample into a fresh batch, no batch-sized partner
+    copy; a mask that broadcasts over the last dim (channels-last) is expanded first, once per
+    distinct mask, so the select runs on contiguous memory (a stride-0 inner dim is not vectorised)."""
+    out = empty_like(x)
+    shared = len(keep) == 1
+    full = None
+    for i, j in enumerate(perm.tolist()):
+        if full is None or not shared:
+            full = keep[0 if shared else i]
+            if full.shape[-1] != x.shape[-1]:
+                full = full.expand(x.shape[1:]).contiguous()
+        torch.where(full, x[i], x[j], out=out[i])
+    return out
 
 
 def check_seg(seg: torch.Tensor, n: int, spatial: tuple[int, ...]) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mixflow.mix.huge_pages import empty_like
 from mixflow.mix.lam import apply_prob, per_mode
 from mixflow.mix.mask_ops import check_seg
 from mixflow.mix.mixed_batch import MixedBatch
@@ -74,9 +75,11 @@ def paste_resized(x: torch.Tensor, perm: torch.Tensor, boxes: np.ndarray, hd: in
     """``out[i]`` is ``x[i]`` with ``x[perm[i]]`` resized into box ``i`` (``(y1, y2, x1, x2)``)."""
     b = torch.as_tensor(boxes, device=x.device)
     h, w = x.shape[hd], x.shape[wd]
-    partner = x.index_select(0, perm)
     rows = _source_rows(b[:, 0], b[:, 1] - b[:, 0], h, interpolation)
     cols = _source_rows(b[:, 2], b[:, 3] - b[:, 2], w, interpolation)
+    if interpolation == "nearest" and x.device.type == "cpu" and x.dtype != torch.bfloat16:
+        return _paste_nearest_per_sample(x, perm, boxes, rows[1].numpy(), cols[1].numpy(), hd)
+    partner = x.index_select(0, perm)
     if interpolation == "nearest":
         resized = _gather(_gather(partner, hd, rows[1]), wd, cols[1])
     else:
@@ -94,6 +97,24 @@ def paste_resized(x: torch.Tensor, perm: torch.Tensor, boxes: np.ndarray, hd: in
     inside = rows[0][:, :, None] & cols[0][:, None, :]
     inside = inside.unsqueeze(3) if hd == 1 else inside.unsqueeze(1)
     return torch.where(inside, resized, x)
+
+
+def _paste_nearest_per_sample(x: torch.Tensor, perm: torch.Tensor, boxes: np.ndarray, src_rows: np.ndarray,
+                              src_cols: np.ndarray, hd: int) -> torch.Tensor:
+    """CPU, nearest: the same source rows / columns, read sample by sample for the box only
+    (numpy views), instead of resizing every partner to the full image and selecting."""
+    out = empty_like(x)
+    src, dst = x.detach().numpy(), out.numpy()
+    for i, j in enumerate(perm.tolist()):
+        dst[i] = src[i]
+        y1, y2, x1, x2 = (int(v) for v in boxes[i])
+        if y2 > y1 and x2 > x1:
+            r, c = src_rows[i, y1:y2], src_cols[i, x1:x2]
+            if hd == 1:  # [H, W, C] samples
+                dst[i, y1:y2, x1:x2] = src[j][r[:, None], c[None, :]]
+            else:  # [C, H, W] samples
+                dst[i][:, y1:y2, x1:x2] = src[j][:, r[:, None], c[None, :]]
+    return out
 
 
 def resizemix(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, num_classes: int,
