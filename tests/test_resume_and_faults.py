@@ -190,23 +190,46 @@ def test_resume_at_random_cut_points_continues_the_exact_stream(uninterrupted, d
         assert parts[rank] == uninterrupted[rank]  # keys, pixel crc, target crc: batch for batch
 
 
+def _corrupt(shard_dir: Path, rows: list[tuple[int, int]]) -> list[str]:
+    """Overwrite the JPEG start of the samples at ``rows`` ``(shard, sample)``; returns their keys."""
+    from mixflow.data.tar_index import read_index
+
+    shards, keys = list_shards(shard_dir), []
+    for shard, row in rows:
+        sample = read_index(shards[shard].index_path)[row]
+        with open(shards[shard].path, "r+b") as fh:
+            fh.seek(sample.components["jpg"].offset)
+            fh.write(b"\0" * 16)
+        keys.append(sample.key)
+    return keys
+
+
 def test_elastic_resume_two_ranks_to_one_delivers_the_epoch_once(ray_session, digits_shards, tmp_path):
-    first = ImagePipeline(_spec(digits_shards, tmp_path / "a"), show_progress=False, record_digests=True)
+    import shutil
+
+    shard_dir = Path(shutil.copytree(digits_shards, tmp_path / "shards"))
+    # Two bad samples (skipped and quarantined): rank 0's first reader reads one before the cut, one after.
+    rows = ckpt.epoch_rows(list_shards(shard_dir), 7, 4, 0, 4, [])[0]
+    bad = _corrupt(shard_dir, [tuple(rows[3]), tuple(rows[len(rows) - 5])])
+    first = ImagePipeline(_spec(shard_dir, tmp_path / "a", on_error="skip"), show_progress=False,
+                          record_digests=True)
     first.run(stop_at=(0, 10))
     state = first.state_dict()
     before = _keys([d for digests in first.digests.values() for d in digests])
-    assert len(before) == 2 * 10 * 32
-    one = _spec(digits_shards, tmp_path / "b", trainer={"ranks": 1})
+    assert len(before) == 2 * 10 * 32 and not set(bad) & set(before)
+    assert [r["key"] for rs in state["rank_states"] for r in rs["skipped"]] == bad[:1]  # came with a batch
+    one = _spec(shard_dir, tmp_path / "b", trainer={"ranks": 1}, on_error="skip")
     second = ImagePipeline(one, show_progress=False, record_digests=True, resume_from=state)
     summary = second.run()
     assert list(second.digests) == [0]
     ledger0, ledger1 = summary.ledgers
     assert ledger0.exactly_once and ledger1.exactly_once, (ledger0.describe(), ledger1.describe())
-    assert ledger0.before_resume == len(before) and ledger0.per_rank == {0: 1797 - len(before)}
-    assert ledger1.per_rank == {0: 1797}
-    # Independently of the ledger: before + after is the dataset, each key once.
-    after0 = _keys(second.digests[0])[:1797 - len(before)]
-    assert sorted(before + after0) == sorted(dataset_keys(list_shards(digits_shards)))
+    assert ledger0.skipped == ledger1.skipped == sorted(bad)
+    assert ledger0.before_resume == len(before) and ledger0.per_rank == {0: 1795 - len(before)}
+    assert ledger1.per_rank == {0: 1795}
+    # Independently of the ledger: before + after + bad is the dataset, each key once.
+    after0 = _keys(second.digests[0])[:1795 - len(before)]
+    assert sorted(before + after0 + bad) == sorted(dataset_keys(list_shards(shard_dir)))
 
 
 # --- Ray: actor failure ---------------------------------------------------------------------
