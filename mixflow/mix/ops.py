@@ -157,6 +157,7 @@ def blend_rows(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray, rows: np.nd
     own = torch.empty(chunk, dtype=torch.float32, device=x.device)
     picked = torch.empty(chunk, dtype=x.dtype, device=x.device)
     narrow = torch.empty(chunk, dtype=torch.int16, device=x.device) if x.dtype == torch.uint8 else None
+    gathered = torch.empty(chunk, dtype=x.dtype, device=x.device) if len(rows) < rows[-1] + 1 - rows[0] else None
     rows_t = torch.as_tensor(rows, device=x.device)
     for s in range(0, len(rows), step):
         lo, hi = int(rows[s]), int(rows[min(len(rows), s + step) - 1]) + 1
@@ -164,7 +165,7 @@ def blend_rows(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray, rows: np.nd
         consecutive = hi - lo == k
         index = slice(lo, hi) if consecutive else rows_t[s:s + k]
         w = weights[lo] if uniform else _view(weights[index], x)
-        mine = x[index]
+        mine = x[lo:hi] if consecutive else torch.index_select(x, 0, index, out=gathered[:k])
         other = torch.index_select(x, 0, perm[index], out=picked[:k])
         other = other.mul_(1 - w) if x.dtype == torch.float32 else partner[:k].copy_(other).mul_(1 - w)
         if x.dtype == torch.float32:

@@ -109,11 +109,12 @@ def _paste_nearest_per_sample(x: torch.Tensor, perm: torch.Tensor, boxes: np.nda
         dst[i] = src[i]
         y1, y2, x1, x2 = (int(v) for v in boxes[i])
         if y2 > y1 and x2 > x1:
-            r, c = src_rows[i, y1:y2], src_cols[i, x1:x2]
+            # two one-axis takes: several times faster than one two-axis fancy index
+            resized = np.take(np.take(src[j], src_rows[i, y1:y2], axis=hd - 1), src_cols[i, x1:x2], axis=hd)
             if hd == 1:  # [H, W, C] samples
-                dst[i, y1:y2, x1:x2] = src[j][r[:, None], c[None, :]]
+                dst[i, y1:y2, x1:x2] = resized
             else:  # [C, H, W] samples
-                dst[i][:, y1:y2, x1:x2] = src[j][:, r[:, None], c[None, :]]
+                dst[i][:, y1:y2, x1:x2] = resized
     return out
 
 
