@@ -103,6 +103,29 @@ def test_state_of_ranks_that_finished_points_at_the_next_epoch(digits_shards, tm
         ckpt.build_state(spec, shards, [{**mid, "rank": 0}, ahead])
 
 
+def test_state_from_rank_checkpoint_files(digits_shards, tmp_path):
+    import torch
+
+    spec, shards = _spec(digits_shards, tmp_path), list_shards(digits_shards)
+    skip = {"shard": "s.tar", "key": "k1", "reason": "bad", "offset": None, "epoch": 1}
+    streams = [{"rank": r, "position": {"epoch": 1, "step": 4 + r, "cursor": 5 + r, "starts": [64, 64 + 32 * r]},
+                "skipped": [skip] if r else [], "cuts": [], "skipped_before_cuts": []} for r in (0, 1)]
+    paths = []
+    for r in (1, 0):  # any order
+        paths.append(tmp_path / f"rank{r}.pt")
+        torch.save({"rank": r, "world_size": 2, "stream": streams[r], "model": None, "optimizer": None}, paths[-1])
+    state = ckpt.state_from_checkpoints(paths, spec, shards)
+    assert state["epoch"] == 1 and state["checkpoints"] == [str(tmp_path / "rank0.pt"), str(tmp_path / "rank1.pt")]
+    assert [rs["position"]["step"] for rs in state["rank_states"]] == [4, 5]
+    assert [r.key for r in ckpt.skipped_records(state)] == ["k1"]
+    ckpt.check_resumable(json.loads(json.dumps(state)), spec, shards)  # JSON round trip keeps it valid
+    with pytest.raises(ValueError, match=r"one file per rank 0..1, got ranks \[1\]"):
+        ckpt.state_from_checkpoints(paths[:1], spec, shards)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="bad.json is not a pipeline state"):
+        ckpt.load_state(tmp_path / "bad.json")
+
+
 # --- Ray: the pieces a restart relies on ------------------------------------------------------
 
 
