@@ -11,6 +11,7 @@ import torch
 
 from mixflow.mix import huge_pages, ops
 from mixflow.mix.huge_pages import empty_like
+from mixflow.mix.fmix_masks import binarise, top_values
 from mixflow.mix.mask_ops import apply_mask
 from mixflow.mix.ops import blend, blend_or_paste, paste_boxes, paste_boxes_masked
 
@@ -184,6 +185,25 @@ def test_apply_mask_binary_per_sample_equals_batched_where(shape, layout, shared
     x0 = x.clone()
     got = apply_mask(x, perm, keep, layout)
     assert torch.equal(got, want) and torch.equal(x, x0)
+
+
+def test_fmix_top_values_equal_the_stable_descending_sort_with_ties():
+    def by_sorting(flat, num):
+        k, n = flat.shape
+        order = torch.argsort(flat, dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(n).expand(k, n))
+        return rank < torch.as_tensor(num).view(k, 1)
+
+    g = np.random.default_rng(0)
+    for _ in range(30):
+        flat = torch.from_numpy(g.integers(0, 5, (6, 40)).astype(np.float64))  # ties everywhere
+        num = g.integers(0, 41, 6)
+        num[:2] = 0, 40
+        assert torch.equal(top_values(flat, num), by_sorting(flat, num))
+    # hand-made: values 3 1 3 2 3, top 2 = the first two 3s in index order
+    assert top_values(torch.tensor([[3.0, 1, 3, 2, 3]]), np.array([2])).tolist() == [[True, False, True, False, False]]
+    masks, means = binarise(torch.tensor([[[0.5, 0.1], [0.9, 0.5]]]), np.array([0.5]))
+    assert masks.tolist() == [[[1.0, 0.0], [1.0, 0.0]]] and means.tolist() == [0.5]
 
 
 # --------------------------------------------------------------------------- huge pages

@@ -69,6 +69,22 @@ def low_frequency_images(shape: tuple[int, ...], k: int, rng: np.random.Generato
     return torch.fft.irfftn(torch.from_numpy(spectrum).to(device), s=shape, dim=dims)
 
 
+def top_values(flat: torch.Tensor, num: np.ndarray) -> torch.Tensor:
+    """``[k, N]`` bool: the first ``num[i]`` entries of row ``i`` in a stable descending sort
+    (every value above the ``num[i]``-th largest, then the ties at it in index order), found
+    with one ``kthvalue`` per row instead of sorting: the hard-mask case on CPU."""
+    k, n = flat.shape
+    out = torch.zeros((k, n), dtype=torch.bool, device=flat.device)
+    for i, m in enumerate(np.asarray(num).tolist()):
+        if m >= n:
+            out[i] = True
+        elif m > 0:
+            v = torch.kthvalue(flat[i], n - m + 1).values
+            above, ties = flat[i] > v, flat[i] == v
+            out[i] = above | (ties & (torch.cumsum(ties, 0) <= m - int(above.sum())))
+    return out
+
+
 def binarise(images: torch.Tensor, lam: np.ndarray, max_soft: float = 0.0) -> tuple[torch.Tensor, np.ndarray]:
     """Masks from images ``[k, *S]``: 1 on the top ``round(lam*N)`` values of each, optional soft ramp.
 
@@ -82,6 +98,8 @@ def binarise(images: torch.Tensor, lam: np.ndarray, max_soft: float = 0.0) -> tu
     n = flat.shape[1]
     num = np.rint(lam * n).astype(np.int64)
     soft = np.floor(n * np.minimum(max_soft, np.minimum(lam, 1.0 - lam))).astype(np.int64)
+    if flat.device.type == "cpu" and not soft.any():
+        return top_values(flat, num).view(images.shape).to(torch.float32), num / n
     lo = torch.as_tensor(num - soft, device=flat.device).view(k, 1)
     width = torch.as_tensor(2 * soft, device=flat.device).view(k, 1)
     order = torch.argsort(flat, dim=1, descending=True, stable=True)
