@@ -144,9 +144,8 @@ def copy_and_paste(x: torch.Tensor, perm: torch.Tensor, rows: np.ndarray, out: t
 def blend_rows(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray, rows: np.ndarray, out: torch.Tensor) -> None:
     """``out[i] = lam[i]*x[i] + (1-lam[i])*x[perm[i]]`` for ``i`` in ``rows``, a cache-sized chunk of
     rows at a time: a float32 batch is written straight into ``out`` where the rows are
-    consecutive, other dtypes go through two chunk-sized float32 buffers and are rounded
-    (integers) and cast back; uint8 via int16, exact for 0..255 and several times faster
-    on CPU than torch's direct float32 -> uint8 conversion."""
+    consecutive; other dtypes go through chunk-sized float32 buffers, are rounded
+    (integers) and cast back by :func:`_store_rows`."""
     if len(rows) == 0:
         return
     step = max(1, CHUNK_ELEMS // max(1, x[0].numel()))
@@ -156,7 +155,6 @@ def blend_rows(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray, rows: np.nd
     partner = torch.empty(chunk, dtype=torch.float32, device=x.device)
     own = torch.empty(chunk, dtype=torch.float32, device=x.device)
     picked = torch.empty(chunk, dtype=x.dtype, device=x.device)
-    narrow = torch.empty(chunk, dtype=torch.int16, device=x.device) if x.dtype == torch.uint8 else None
     gathered = torch.empty(chunk, dtype=x.dtype, device=x.device) if len(rows) < rows[-1] + 1 - rows[0] else None
     rows_t = torch.as_tensor(rows, device=x.device)
     for s in range(0, len(rows), step):
@@ -167,31 +165,34 @@ def blend_rows(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray, rows: np.nd
         w = weights[lo] if uniform else _view(weights[index], x)
         mine = x[lo:hi] if consecutive else torch.index_select(x, 0, index, out=gathered[:k])
         other = torch.index_select(x, 0, perm[index], out=picked[:k])
-        other = other.mul_(1 - w) if x.dtype == torch.float32 else partner[:k].copy_(other).mul_(1 - w)
         if x.dtype == torch.float32:
-            mixed = torch.mul(mine, w, out=out[lo:hi] if consecutive else own[:k]).add_(other)
+            mixed = torch.mul(mine, w, out=out[lo:hi] if consecutive else own[:k]).add_(other.mul_(1 - w))
             if consecutive:
                 continue
         else:
-            mixed = own[:k].copy_(mine).mul_(w).add_(other)
+            mixed = own[:k].copy_(mine).mul_(w).add_(partner[:k].copy_(other).mul_(1 - w))
             if not x.dtype.is_floating_point:
                 mixed.round_()
-            mixed = (mixed if narrow is None else narrow[:k].copy_(mixed))
-            if consecutive:
-                out[lo:hi].copy_(mixed)
-                continue
-            mixed = picked[:k].copy_(mixed)
-        _scatter_rows(mixed, out, rows[s:s + k])
+        _store_rows(mixed, out, slice(lo, hi) if consecutive else rows[s:s + k])
 
 
-def _scatter_rows(values: torch.Tensor, out: torch.Tensor, rows: np.ndarray) -> None:
-    """``out[rows[t]] = values[t]`` (numpy row copies on CPU: ``index_copy_`` is several times slower there)."""
-    if out.device.type != "cpu":
-        out.index_copy_(0, torch.as_tensor(rows, device=out.device), values.to(out.dtype))
-        return
+def _store_rows(values: torch.Tensor, out: torch.Tensor, rows: slice | np.ndarray) -> None:
+    """``out[rows] = values`` cast to ``out``'s dtype; ``rows`` a slice or scattered row indices.
+
+    On CPU through numpy: its float32 -> uint8 cast is several times faster than torch's
+    (and exact for the rounded values 0..255), and row copies beat ``index_copy_``.
+    """
     src, dst = _host_view(values), _host_view(out)
-    for t, i in enumerate(rows.tolist()):
-        dst[i] = src[t]
+    if isinstance(src, np.ndarray) and isinstance(dst, np.ndarray):
+        if isinstance(rows, slice):
+            np.copyto(dst[rows], src, casting="unsafe")
+        else:
+            for t, i in enumerate(rows.tolist()):
+                np.copyto(dst[i], src[t], casting="unsafe")
+    elif isinstance(rows, slice):
+        out[rows].copy_(values)
+    else:
+        out.index_copy_(0, torch.as_tensor(rows, device=out.device), values.to(out.dtype))
 
 
 def _region(ndim: int, hd: int, wd: int, box: np.ndarray) -> tuple[slice, ...] | None:
