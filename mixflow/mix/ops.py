@@ -1,8 +1,13 @@
-"""Batched tensor kernels shared by the mixing methods.
+"""Tensor kernels shared by the mixing methods: blend, paste boxes, or one of the two per sample.
 
 Images are ``uint8 [B, H, W, C]`` (what decoders emit) or float ``[B, C, H, W]``
 (what models eat); ``layout="auto"`` picks by dtype. uint8 is blended in float32,
 rounded half-to-even and cast back (timm's FastCollateMixup rounds with ``np.rint``).
+Inputs are never modified; outputs are fresh batches on huge pages
+(:mod:`mixflow.mix.huge_pages`). On CPU the work goes a cache-sized chunk (blends) or
+one sample (copies and boxes) at a time, with numpy views where torch's per-call cost
+or its float32 -> uint8 cast would dominate; ``benchmarks/mixing_kernels.py`` measures
+them against timm- and torchvision-style implementations.
 """
 
 from __future__ import annotations
