@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 from mixflow.errors import ConfigError
 
@@ -390,6 +391,17 @@ def validate_spec(raw: dict[str, Any], source: str | None = None) -> "PipelineSp
     except ValidationError as exc:
         problems = [(_field_path(e["loc"]), _explain(e, model)) for e in exc.errors()]
         raise ConfigError(problems, source) from None
+
+
+def validate_mix(raw: dict[str, Any]) -> BaseModel:
+    """Validate a ``mix`` section on its own: any method, also those the image pipeline cannot run
+    (C-Mixup, Mix3D, beat-synchronous mixup) for users who call the mixers from their own loaders."""
+    try:
+        return TypeAdapter(MixSpec).validate_python(raw)
+    except ValidationError as exc:
+        problems = [(_field_path(("mix", *e["loc"])), _explain({**e, "loc": ("mix", *e["loc"])}, PipelineSpec))
+                    for e in exc.errors()]
+        raise ConfigError(problems) from None
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> "PipelineSpec | TokenPipelineSpec":

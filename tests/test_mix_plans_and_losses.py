@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mixflow.config import validate_spec
+from mixflow.config import validate_mix
 from mixflow.errors import ConfigError
 from mixflow.mix import build_mixer, mixup
 from mixflow.mix.manifold_mixup import manifold_mixup
@@ -372,17 +372,13 @@ def test_manifold_mixup_end_to_end_matches_dense_loss():
 # --------------------------------------------------------------------------- config
 
 
-def spec(**mix):
-    return {"name": "t", "data": {"shards": "s", "num_classes": 10}, "mix": mix}
-
-
 def test_config_defaults_match_the_papers():
-    t = validate_spec(spec(method="transmix")).mix
+    t = validate_mix({"method": "transmix"})
     assert (t.mixup_alpha, t.cutmix_alpha, t.switch_prob, t.correct_lam) == (0.8, 1.0, 0.5, True)
-    s = validate_spec(spec(method="smmix")).mix
+    s = validate_mix({"method": "smmix"})
     assert (s.token_grid, s.min_side_ratio, s.max_side_ratio) == (14, 0.25, 0.75)
     assert (s.switch_prob, s.mixup_alpha) == (0.5, 0.8)
-    m = validate_spec(spec(method="manifold_mixup")).mix
+    m = validate_mix({"method": "manifold_mixup"})
     assert (m.alpha, m.layers) == (2.0, (0, 1, 2))
 
 
@@ -397,7 +393,7 @@ def test_config_defaults_match_the_papers():
 ])
 def test_config_errors_name_the_field(mix, field, words):
     with pytest.raises(ConfigError) as err:
-        validate_spec(spec(**mix))
+        validate_mix(mix)
     problems = dict(err.value.problems)
     assert list(problems) == [field] and words in problems[field], problems
 
@@ -407,7 +403,7 @@ def test_spec_sections_build_mixers_with_plans():
     for raw, plan in (({"method": "transmix", "mixup_alpha": 0}, BoxPlan),
                       ({"method": "smmix", "switch_prob": 1.0}, SideLengthPlan),
                       ({"method": "manifold_mixup", "layers": [2]}, LayerPlan)):
-        params = validate_spec(spec(**raw)).mix.model_dump()
+        params = validate_mix(raw).model_dump()
         mb = build_mixer(params.pop("method"), 10, **params)(x, y, rng(0))
         assert isinstance(mb.plan, plan), raw
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixflow.config import validate_spec
+from mixflow.config import validate_mix
 from mixflow.errors import ConfigError
 from mixflow.mix import METHODS, build_mixer
 from mixflow.mix.beat_sync_mixup import alignment_shift, beat_grid, beat_sync_mixup, shift_time, tempo_matching
@@ -347,10 +347,6 @@ def test_beat_sync_mixup_errors_name_the_parameter():
 # --------------------------------------------------------------------------- registry and config
 
 
-def spec(**mix):
-    return {"name": "t", "data": {"shards": "s", "num_classes": 10}, "mix": mix}
-
-
 def test_registry_calls_keep_the_x_y_rng_shape():
     y = torch.tensor([0.0, 0.2, 5.0, 5.3])
     reg = build_mixer("c_mixup", 10, alpha=2.0, sigma=1.0, mode="batch")(torch.randn(4, 3), y, rng(0))
@@ -365,10 +361,10 @@ def test_registry_calls_keep_the_x_y_rng_shape():
 
 
 def test_config_defaults_match_the_papers():
-    assert validate_spec(spec(method="c_mixup")).mix.model_dump() == {
+    assert validate_mix({"method": "c_mixup"}).model_dump() == {
         "method": "c_mixup", "alpha": 2.0, "sigma": 1.0, "mode": "batch"}
-    assert validate_spec(spec(method="mix3d")).mix.centre is True
-    b = validate_spec(spec(method="beat_sync_mixup")).mix
+    assert validate_mix({"method": "mix3d"}).centre is True
+    b = validate_mix({"method": "beat_sync_mixup"})
     assert (b.alpha, b.pairing, b.sample_rate) == (5.0, "tempo", 16000.0)
 
 
@@ -381,7 +377,7 @@ def test_config_defaults_match_the_papers():
 ])
 def test_config_errors_name_the_field(mix, field, words):
     with pytest.raises(ConfigError) as err:
-        validate_spec(spec(**mix))
+        validate_mix(mix)
     problems = dict(err.value.problems)
     assert list(problems) == [field] and words in problems[field], problems
 
@@ -389,7 +385,7 @@ def test_config_errors_name_the_field(mix, field, words):
 def test_spec_sections_build_mixers():
     for raw, args in (({"method": "c_mixup", "sigma": 0.5}, (torch.randn(4, 2), torch.randn(4))),
                       ({"method": "mix3d"}, make_scenes()[0])):
-        params = validate_spec(spec(**raw)).mix.model_dump()
+        params = validate_mix(raw).model_dump()
         out = build_mixer(params.pop("method"), 10, **params)(*args, rng(0))
         assert out.method == raw["method"]
 
