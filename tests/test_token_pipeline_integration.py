@@ -126,18 +126,23 @@ def test_resume_rejects_a_checkpoint_of_another_setup(text_domains, tmp_path):
         TokenPipeline(token_spec(text_domains, tmp_path, "odm"), show_progress=False, resume_from=state).run()
 
 
-def test_controller_restart_keeps_policy_state_and_stream(ray_session, text_domains, tmp_path):
-    """ray.kill of the controller mid-run: Ray restarts it, it reloads its state file, the ranks'
-    calls are retried, and the run ends with every step delivered once and versions never reset."""
+def test_controller_and_producer_restarts_keep_the_stream(ray_session, text_domains, tmp_path):
+    """ray.kill of the controller and of rank 0's producer mid-run: Ray restarts both; the controller
+    reloads its state file (policy state survives), the producer resumes from its channel's position,
+    and the run delivers exactly the stream of a run that was never disturbed."""
     import threading
 
     import ray
 
     from mixflow.runtime.token_pipeline import TokenPipeline
 
-    raw = token_spec(text_domains, tmp_path, "aioli", AIOLI_SMALL, steps=40).model_dump()
-    raw["trainer"]["model"] = "unigram"
-    pipe = TokenPipeline(validate_spec(raw), show_progress=False)
+    def spec(sub):
+        raw = token_spec(text_domains, tmp_path / sub, "aioli", AIOLI_SMALL, steps=40).model_dump()
+        raw["trainer"]["model"] = "unigram"
+        return validate_spec(raw)
+
+    undisturbed = _stream(TokenPipeline(spec("calm"), show_progress=False).run())
+    pipe = TokenPipeline(spec("killed"), show_progress=False)
     killed = {}
 
     def kill_midway():
@@ -147,7 +152,9 @@ def test_controller_restart_keeps_policy_state_and_stream(ray_session, text_doma
             threading.Event().wait(0.05)
         killed["pid"] = ray.get(pipe.controller.pid.remote())
         killed["version"] = ray.get(pipe.controller.stats.remote())["version"]
+        killed["producer"] = ray.get(pipe.producers[0].pid.remote())
         ray.kill(pipe.controller, no_restart=False)
+        ray.kill(pipe.producers[0], no_restart=False)
 
     thread = threading.Thread(target=kill_midway, daemon=True)
     thread.start()
@@ -163,3 +170,4 @@ def test_controller_restart_keeps_policy_state_and_stream(ray_session, text_doma
         keys = [k for b in rank for k in b["keys"]]
         assert len(keys) == len(set(keys))
     _check_versions(summary, 8)
+    assert _stream(summary) == undisturbed  # key for key, token crc for crc, version for version

@@ -146,7 +146,8 @@ class LMTrainerRank:
         final = domain_losses(self.raw_model, self.test_sets, self.pad_id) if self.rank == 0 else None
         return {"rank": self.rank, "steps": steps, "tokens": feed.tokens, "keys": feed.keys,
                 "wait_s": feed.wait_s, "wall_s": wall, "mean_loss": loss_sum / max(steps, 1),
-                "test_loss": final, "curve": curve, "batches": feed.log}
+                "test_loss": final, "curve": curve, "batches": feed.log,
+                "skipped": feed.skipped}
 
     def _grad_dot_val(self, tokens: torch.Tensor, domains: torch.Tensor) -> list[float]:
         """``<grad L_val, grad L_d>`` per domain at the current weights (NaN for domains not in

@@ -167,7 +167,8 @@ class TokenPipeline:
         self.producers = [TokenProducer.remote(r, t.ranks, [str(d / "train") for d in domain_dirs], spec.data.seq_len,
                                                t.batch_size, spec.seed, spec.on_error, self.controller,
                                                self.channels[r],
-                                               resume["ranks"][r]["feed"]["producer"] if resume else None)
+                                               resume["ranks"][r]["feed"]["producer"] if resume else None,
+                                               resume["step"] if resume else 0)
                           for r in range(t.ranks)]
         grad_every = t.grad_stats_every
         if grad_every is None:
@@ -219,10 +220,9 @@ class TokenPipeline:
                 results = self._wait(producers | trainers, set(trainers), progress)
             wall_s = time.perf_counter() - start
             if stop_after is not None:
-                self.state = self._checkpoint(stop_after)
-                produced = [{"skipped": []}]  # producers are stopped mid-stream below
+                self.state = self._checkpoint(stop_after)  # producers are stopped mid-stream below
             else:
-                produced = ray.get(list(producers))
+                ray.get(list(producers))
             trajectory = ray.get(self.controller.get_trajectory.remote())
             stats = ray.get(self.controller.stats.remote())
             reports = ray.get(self.controller.get_merged_log.remote())
@@ -231,7 +231,7 @@ class TokenPipeline:
             raise
         self._stop()
         ranks = sorted((results[r] for r in trainers), key=lambda r: r["rank"])
-        skipped: list[SkipRecord] = [rec for p in produced for rec in p["skipped"]]
+        skipped = [SkipRecord(**rec) for r in ranks for rec in r["skipped"]]
         summary = TokenRunSummary(spec.name, spec.mixture.policy, [d.name for d in domain_dirs], startup_s, wall_s,
                                   sum(r["tokens"] for r in ranks), ranks[0]["steps"], [r["wait_s"] for r in ranks],
                                   ranks[0]["test_loss"], trajectory, stats, len(skipped), ranks[0]["curve"],

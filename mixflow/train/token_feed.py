@@ -59,6 +59,7 @@ class TokenFeed:
         self.tokens = 0
         self.log: list[dict[str, Any]] = []  # per batch: step, version, counts, p, keys, tokens crc32
         self.last_step: int | None = None
+        self.skipped: list[dict[str, Any]] = []  # quarantine records that came with the batches
         self.producer_state: dict[str, Any] | None = None
 
     def __iter__(self) -> Iterator[TokenBatch]:
@@ -76,6 +77,7 @@ class TokenFeed:
                              "counts": np.asarray(batch["counts"]).tolist(), "p": list(batch["p"]),
                              "keys": list(batch["keys"]), "crc": zlib.crc32(np.ascontiguousarray(batch["tokens"]).tobytes())})
             self.last_step = int(batch["step"])
+            self.skipped.extend(batch.get("skipped", []))
             self.producer_state = batch.get("state")
             yield TokenBatch(tokens, domains,
                              list(batch["keys"]), int(batch["step"]), int(batch["version"]),
