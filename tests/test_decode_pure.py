@@ -17,7 +17,7 @@ def smooth_image(h: int, w: int, seed: int = 0, mode: str = "RGB") -> Image.Imag
     """A smooth, non-symmetric test picture (JPEG-friendly, so decoders agree closely)."""
     r = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    fx, fy, ph = r.uniform(1, 3), r.uniform(1, 3), r.uniform(0, 6)
+    fx, _, ph = r.uniform(1, 3), r.uniform(1, 3), r.uniform(0, 6)
     red = 127 + 120 * np.sin(2 * np.pi * fx * xx / w + ph)
     green = 255 * yy / max(1, h - 1)
     blue = 255 * (xx + 2 * yy) / (w + 2 * h)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 from mixflow.data.listing import dataset_keys, list_shards
 from mixflow.runtime.image_pipeline import ImagePipeline
 from tests.conftest import make_spec

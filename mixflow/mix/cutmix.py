@@ -23,7 +23,6 @@ from mixflow.mix.pairing import partner_index
 def cutmix_boxes(lam: np.ndarray, h: int, w: int, rng: np.random.Generator, mode: str, perm: np.ndarray,
                  minmax: tuple[float, float] | None = None) -> np.ndarray:
     """Boxes ``[B, 4]`` as ``(y1, y2, x1, x2)``, shared according to ``mode``. lam = 1 gives an empty box."""
-    n = len(lam)
     if minmax is not None:
         lo, hi = minmax
         if not 0 < lo < hi <= 1:

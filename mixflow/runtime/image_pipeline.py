@@ -37,11 +37,10 @@ from mixflow.runtime.ledger import EpochLedger, check_epoch
 from mixflow.runtime.mixer_actor import MixerActor
 from mixflow.runtime.progress import PipelineProgress
 from mixflow.runtime.ray_session import ensure_ray
-from mixflow.runtime.stage_failure import first_failure
+from mixflow.runtime.stage_failure import wait_for_stages
 from mixflow.runtime.summary import RankSummary, RunSummary
 from mixflow.runtime.trainer_actor import TrainerRank
 
-POLL_S = 0.5
 TEARDOWN_S = 5.0  # how long stopping waits for the ranks to leave their process groups
 
 
@@ -153,22 +152,7 @@ class ImagePipeline:
 
     def _wait(self, refs: dict, progress: PipelineProgress, until_done: set) -> dict:
         """Wait for the refs in ``until_done``; any ref in ``refs`` that fails stops the pipeline."""
-        results: dict = {}
-        while until_done - results.keys():
-            open_refs = [r for r in refs if r not in results]
-            ready, _ = ray.wait(open_refs, num_returns=1, timeout=POLL_S)
-            for ref in ready:
-                try:
-                    results[ref] = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - re-raised with the stage named
-                    raise first_failure(refs, ref, exc)  # chained to its cause
-            try:
-                stats = ray.get([ch.stats.remote() for ch in self.channels])
-                prog = ray.get([t.progress.remote() for t in self.trainers])
-            except ray.exceptions.RayActorError:
-                continue  # an actor died: the ref of the stage it serves fails on the next wait, named
-            progress.update(sum(p["samples"] for p in prog), stats, [p["loss"] for p in prog])
-        return results
+        return wait_for_stages(refs, until_done, self.channels, self.trainers, progress, "samples")
 
     def run(self, stop_at: tuple[int, int] | None = None) -> RunSummary:
         """Run to the end of ``trainer.epochs``, or, with ``stop_at=(epoch, step)``, until every rank

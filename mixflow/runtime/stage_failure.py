@@ -43,3 +43,29 @@ def first_failure(stages: dict, failed_ref: ray.ObjectRef, exc: Exception) -> Pi
     error = stage_error(stages[ref], cause)
     error.__cause__ = cause
     return error
+
+
+POLL_S = 0.5
+
+
+def wait_for_stages(stages: dict, until_done: set, channels: list, trainers: list, progress,
+                    count_key: str) -> dict:
+    """Wait until every ref in ``until_done`` has a result; any stage in ``stages`` (ref -> name)
+    that fails stops the wait with :func:`first_failure`. Between waits the progress display gets
+    the ranks' ``count_key`` totals, their losses and the channels' queue depths."""
+    results: dict = {}
+    while until_done - results.keys():
+        open_refs = [r for r in stages if r not in results]
+        ready, _ = ray.wait(open_refs, num_returns=1, timeout=POLL_S)
+        for ref in ready:
+            try:
+                results[ref] = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - re-raised with the stage named
+                raise first_failure(stages, ref, exc)  # chained to its cause
+        try:
+            stats = ray.get([ch.stats.remote() for ch in channels])
+            prog = ray.get([t.progress.remote() for t in trainers])
+        except ray.exceptions.RayActorError:
+            continue  # an actor died: the ref of the stage it serves fails on the next wait, named
+        progress.update(sum(p[count_key] for p in prog), stats, [p["loss"] for p in prog])
+    return results

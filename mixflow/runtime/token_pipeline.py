@@ -25,16 +25,15 @@ from mixflow.data.bad_samples import SkipRecord, write_quarantine
 from mixflow.data.text_domains import machine_documents
 from mixflow.data.token_shard_writer import MANIFEST, read_manifest, write_domain_splits
 from mixflow.data.token_source import TokenSource
-from mixflow.errors import DataError
+from mixflow.errors import DataError, PipelineError
 from mixflow.runtime.channel import Channel
 from mixflow.runtime.lm_trainer_actor import LMTrainerRank
 from mixflow.runtime.mixture_controller import MixtureController
 from mixflow.runtime.progress import PipelineProgress
 from mixflow.runtime.ray_session import ensure_ray
-from mixflow.runtime.stage_failure import first_failure
+from mixflow.runtime.stage_failure import wait_for_stages
 from mixflow.runtime.token_producer import TokenProducer
 
-POLL_S = 0.5
 TEARDOWN_S = 5.0  # how long stopping waits for the ranks to leave their process groups
 SHARDS_PER_DOMAIN = 8
 GRADIENT_POLICIES = ("tikmix_d", "tikmix_m", "doge")  # consume Feedback.grad_dot_val
@@ -270,19 +269,4 @@ class TokenPipeline:
         torch.save(self.state, path)
 
     def _wait(self, refs: dict, until_done: set, progress: PipelineProgress) -> dict:
-        results: dict = {}
-        while until_done - results.keys():
-            open_refs = [r for r in refs if r not in results]
-            ready, _ = ray.wait(open_refs, num_returns=1, timeout=POLL_S)
-            for ref in ready:
-                try:
-                    results[ref] = ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - re-raised with the stage named
-                    raise first_failure(refs, ref, exc)  # chained to its cause
-            try:
-                stats = ray.get([ch.stats.remote() for ch in self.channels])
-                prog = ray.get([tr.progress.remote() for tr in self.trainers])
-            except ray.exceptions.RayActorError:
-                continue  # an actor died: the ref of the stage it serves fails on the next wait, named
-            progress.update(sum(p["tokens"] for p in prog), stats, [p["loss"] for p in prog])
-        return results
+        return wait_for_stages(refs, until_done, self.channels, self.trainers, progress, "tokens")
