@@ -32,7 +32,27 @@ class TorchBatch:
     method: str = "none"
 
 
-class Feed:
+class ReceivingFeed:
+    """What every feed does with its source: take one epoch's batch dicts, timing the wait for
+    each (``wait_s``) and recording the keys delivered (``keys``)."""
+
+    def __init__(self, source: BatchSource):
+        self.source = source
+        self.keys: list[str] = []
+        self.wait_s = 0.0
+
+    def _received(self) -> Iterator[dict]:
+        while True:
+            start = time.perf_counter()
+            batch = self.source.get()
+            self.wait_s += time.perf_counter() - start
+            if batch is None:
+                return
+            self.keys.extend(batch["keys"])
+            yield batch
+
+
+class Feed(ReceivingFeed):
     """Iterate one epoch of a rank's batches; records the keys delivered and the time spent waiting.
 
     With ``to_float`` (default) uint8 ``[B, H, W, C]`` images are converted to float
@@ -44,13 +64,11 @@ class Feed:
     def __init__(self, source: BatchSource, device: str | torch.device = "cpu",
                  mean: tuple[float, ...] = (0.485, 0.456, 0.406), std: tuple[float, ...] = (0.229, 0.224, 0.225),
                  to_float: bool = True):
-        self.source = source
+        super().__init__(source)
         self.to_float = to_float
         self.device = torch.device(device)
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
-        self.keys: list[str] = []
-        self.wait_s = 0.0
         self.samples = 0
 
     def _to_torch(self, batch: dict) -> TorchBatch:
@@ -65,12 +83,6 @@ class Feed:
                           as_t("perm") if "perm" in batch else None, batch.get("plan"), batch.get("method", "none"))
 
     def __iter__(self) -> Iterator[TorchBatch]:
-        while True:
-            start = time.perf_counter()
-            batch = self.source.get()
-            self.wait_s += time.perf_counter() - start
-            if batch is None:
-                return
-            self.keys.extend(batch["keys"])
+        for batch in self._received():
             self.samples += len(batch["keys"])
             yield self._to_torch(batch)

@@ -10,7 +10,6 @@ gives the feed (so this module needs no Ray).
 
 from __future__ import annotations
 
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mixflow.train.feed import BatchSource
+from mixflow.train.feed import BatchSource, ReceivingFeed
 
 Send = Callable[[str, dict[str, Any]], None]
 
@@ -49,13 +48,11 @@ def _array(values: Any) -> list[float] | None:
     return np.asarray(values, dtype=np.float64).tolist()
 
 
-class TokenFeed:
+class TokenFeed(ReceivingFeed):
     def __init__(self, source: BatchSource, send: Send, device: str | torch.device = "cpu"):
-        self.source = source
+        super().__init__(source)
         self.send = send
         self.device = torch.device(device)
-        self.keys: list[str] = []
-        self.wait_s = 0.0
         self.tokens = 0
         self.log: list[dict[str, Any]] = []  # per batch: step, version, counts, p, keys, tokens crc32
         self.last_step: int | None = None
@@ -63,13 +60,7 @@ class TokenFeed:
         self.producer_state: dict[str, Any] | None = None
 
     def __iter__(self) -> Iterator[TokenBatch]:
-        while True:
-            start = time.perf_counter()
-            batch = self.source.get()
-            self.wait_s += time.perf_counter() - start
-            if batch is None:
-                return
-            self.keys.extend(batch["keys"])
+        for batch in self._received():
             tokens = torch.from_numpy(np.asarray(batch["tokens"], dtype=np.int64)).to(self.device)
             self.tokens += int(tokens.shape[0] * max(tokens.shape[1] - 1, 0))
             domains = torch.from_numpy(np.array(batch["domains"], dtype=np.int64)).to(self.device)
