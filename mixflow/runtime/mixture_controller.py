@@ -79,9 +79,6 @@ class MixtureController:
     def _record(self, step: int) -> None:
         self.trajectory.append({"step": step, **mixture_message(self.policy.mixture())})
 
-    async def current(self) -> dict[str, Any]:
-        return mixture_message(self.policy.mixture())
-
     async def mixture_for_step(self, step: int) -> dict[str, Any]:
         """The mixture every rank uses for global step ``step`` (``empty``: evaluate only)."""
         if step not in self._assigned:
@@ -143,9 +140,6 @@ class MixtureController:
                 "trajectory": self.trajectory, "stale_reports": self.stale_reports, "merged_log": self.merged_log,
                 "assigned": {str(k): v for k, v in self._assigned.items()},
                 "used": {str(k): v for k, v in self._used.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._load(state)
 
     def _load(self, state: dict[str, Any]) -> None:
         self.policy.load_state_dict(state["policy"])

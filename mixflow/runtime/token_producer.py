@@ -68,6 +68,3 @@ class TokenProducer:
 
     def pid(self) -> int:
         return os.getpid()
-
-    def state_dict(self) -> dict:
-        return self.batcher.state_dict()
