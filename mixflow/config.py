@@ -56,6 +56,9 @@ class DecodeSpec(_Strict):
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
     antialias: bool = Field(False, description="Antialiased resize (slower on CPU).")
+    resize: Literal["auto", "dali", "opencv"] = Field(
+        "auto", description="Who resizes the decoded crop: 'auto' is OpenCV on CPU without antialias "
+                            "(about 10x faster than DALI's CPU resize), DALI otherwise.")
     normalize: bool = Field(False, description="Emit float CHW normalized by mean/std instead of uint8 HWC.")
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -69,7 +72,16 @@ class DecodeSpec(_Strict):
             raise ValueError(f"scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
         if not 0 < self.ratio[0] <= self.ratio[1]:
             raise ValueError(f"ratio must satisfy 0 < lo <= hi, got {self.ratio}")
+        if self.resize == "opencv" and (self.antialias or self.device == "gpu"):
+            raise ValueError("resize 'opencv' is the CPU fast path without antialias; it cannot serve "
+                             f"antialias={self.antialias}, device={self.device!r} (use 'auto' or 'dali')")
         return self
+
+    def host_resize(self, device: str) -> bool:
+        """Whether crops are resized by OpenCV on the host after DALI decodes them on ``device``."""
+        if self.resize == "auto":
+            return device == "cpu" and not self.antialias
+        return self.resize == "opencv"
 
 
 class _MixCommon(_Strict):
@@ -279,6 +291,9 @@ class ChannelSpec(_Strict):
 
 class RuntimeSpec(_Strict):
     readers_per_rank: int = Field(1, ge=1)
+    fuse_reader: bool = Field(
+        True, description="With readers_per_rank 1, decode inside the rank's mixer actor (no decoder actor, "
+                          "one object-store hop less per batch). Ignored with more readers per rank.")
     prefetch: int = Field(2, ge=1, description="Decoded batches requested ahead by each mixer.")
     address: str | None = Field(None, description="Ray address; None starts an embedded local Ray.")
 

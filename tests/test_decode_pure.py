@@ -205,11 +205,12 @@ def images():
     return out
 
 
-@pytest.fixture(scope="module")
-def decoder():
+@pytest.fixture(scope="module", params=[False, True], ids=["dali_resize", "opencv_resize"])
+def decoder(request):
+    """The CPU decoder, resizing in DALI or (the default fast path) with OpenCV on the host."""
     from mixflow.decode.dali_image_decoder import DaliImageDecoder
 
-    return DaliImageDecoder((H, W), max_batch=5, device="cpu", antialias=False)
+    return DaliImageDecoder((H, W), max_batch=5, device="cpu", antialias=False, host_resize=request.param)
 
 
 def full_windows(n, h=H, w=W):
@@ -306,7 +307,8 @@ def test_dali_normalize(decoder, images):
     from mixflow.decode.dali_image_decoder import DaliImageDecoder
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-    norm = DaliImageDecoder((H, W), max_batch=5, device="cpu", normalize=True, mean=mean, std=std)
+    norm = DaliImageDecoder((H, W), max_batch=5, device="cpu", normalize=True, mean=mean, std=std,
+                            host_resize=decoder.host_resize)
     datas = as_buffers([d for _, d in images])
     flips = np.array([0, 1, 0, 1, 1])
     anchors, shapes = full_windows(5)
@@ -324,3 +326,33 @@ def test_dali_decoder_rejects_bad_device():
 
     with pytest.raises(ValueError, match="'cpu' or 'gpu'"):
         DaliImageDecoder((8, 8), max_batch=1, device="tpu")
+    with pytest.raises(ValueError, match="host_resize is the CPU path without antialias"):
+        DaliImageDecoder((8, 8), max_batch=1, device="cpu", antialias=True, host_resize=True)
+
+
+def test_opencv_resize_matches_dali_resize_on_random_crops():
+    """The two resize paths sample the same pixel centres: on random crops (downscaled and
+    upscaled, flipped or not) they differ by rounding only."""
+    from mixflow.decode.dali_image_decoder import DaliImageDecoder
+
+    datas = [jpeg_bytes(smooth_image(150 + 10 * i, 200 - 7 * i, seed=i), quality=95) for i in range(6)]
+    heights, widths = np.array([150 + 10 * i for i in range(6)]), np.array([200 - 7 * i for i in range(6)])
+    anchors, shapes = random_resized_crop_windows(heights, widths, (0.08, 1.0), (3 / 4, 4 / 3),
+                                                  np.random.default_rng(5))
+    flips = np.array([0, 1, 1, 0, 1, 0])
+    outs = [DaliImageDecoder((96, 80), max_batch=6, device="cpu", host_resize=host).decode(
+        as_buffers(datas), anchors, shapes, flips) for host in (False, True)]
+    diff = np.abs(outs[0].astype(np.int16) - outs[1])
+    assert diff.max() <= 1 and diff.mean() < 0.5
+    assert (shapes[:, 0] < 80).any() and (shapes[:, 0] > 80).any(), "both up- and downscaling exercised"
+
+
+def test_resize_choice_follows_device_and_antialias():
+    from mixflow.config import DecodeSpec
+
+    assert DecodeSpec().host_resize("cpu") and not DecodeSpec().host_resize("gpu")
+    assert not DecodeSpec(antialias=True).host_resize("cpu")
+    assert not DecodeSpec(resize="dali").host_resize("cpu")
+    assert DecodeSpec(resize="opencv").host_resize("cpu")
+    with pytest.raises(ValueError, match="resize 'opencv' is the CPU fast path"):
+        DecodeSpec(resize="opencv", antialias=True)

@@ -99,7 +99,7 @@ class DecodeStage:
     def _new_decoder(self) -> DaliImageDecoder:
         s = self.spec
         return DaliImageDecoder(s.size, self.batch_size, self.device, s.threads, s.antialias, s.normalize,
-                                s.mean, s.std)
+                                s.mean, s.std, host_resize=s.host_resize(self.device))
 
     def warm_up(self, epoch: int = 0) -> None:
         """Decode the first batch of ``epoch`` once, so DALI's first-run allocations happen at start-up.
