@@ -689,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--size", type=int, default=224, help="output image side")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--decode-threads", type=int, default=2, help="DALI threads per mixflow decoder actor")
+    parser.add_argument("--decode-threads", type=int, default=1, help="DALI threads per mixflow decoder actor")
     parser.add_argument("--only", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "mixflow-bench"),
                         help="where the shard set lives (<out>/photos-<N>, reused when complete)")

@@ -260,7 +260,8 @@ def test_elastic_resume_two_ranks_to_one_delivers_the_epoch_once(ray_session, di
 
 def _kill_when(pipe: ImagePipeline, samples: int, kinds: list[str], killed: list) -> threading.Thread:
     """Kill (with restart) one actor of each kind in ``kinds`` once rank 0 consumed ``samples``;
-    ``killed`` gets ``(kind, pid before, pid after the restart, samples consumed at the kill)``."""
+    ``killed`` gets ``(kind, pid before, pid after the restart, samples consumed at the kill, batches
+    the restarted actor rebuilt for tickets its dead self left in the channel (mixers))``."""
     import ray
 
     def work():
@@ -270,7 +271,7 @@ def _kill_when(pipe: ImagePipeline, samples: int, kinds: list[str], killed: list
         while ray.get(trainer.progress.remote())["samples"] < samples:
             time.sleep(0.05)
         for kind in kinds:
-            actor = {"decoder": pipe.decoders[1], "mixer": pipe.mixers[0]}[kind]
+            actor = pipe.decoders[1] if kind == "decoder" else pipe.mixers[0]
             pid = ray.get(actor.placement.remote())["pid"]
             at = ray.get(trainer.progress.remote())["samples"]
             ray.kill(actor, no_restart=False)
@@ -281,7 +282,11 @@ def _kill_when(pipe: ImagePipeline, samples: int, kinds: list[str], killed: list
                 except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                     pass
                 time.sleep(0.1)
-            killed.append((kind, pid, new, at))
+            rebuilt, deadline = 0, time.time() + 60
+            while kind == "mixer" and not rebuilt and time.time() < deadline:
+                rebuilt = ray.get(actor.stats.remote())["rebuilt"]
+                time.sleep(0.1)
+            killed.append((kind, pid, new, at, rebuilt))
 
     thread = threading.Thread(target=work, daemon=True)
     thread.start()
@@ -298,12 +303,36 @@ def test_killed_reader_and_mixer_restart_and_the_stream_goes_on_unchanged(uninte
     summary = pipe.run()
     thread.join(timeout=5)
     assert [k[0] for k in killed] == ["decoder", "mixer"]
-    assert all(before != after for _, before, after, _ in killed)  # both were restarted
+    assert all(before != after for _, before, after, *_ in killed)  # both were restarted
     total0 = len(_keys(uninterrupted[0]))
-    assert all(at < total0 - 2 * 32 for *_, at in killed)  # mid-run: rank 0 had batches left to get
+    assert all(at < total0 - 2 * 32 for *_, at, _ in killed)  # mid-run: rank 0 had batches left to get
+    assert killed[1][4] > 0  # the channel held tickets of the dead mixer: their batches were rebuilt
     for ledger in summary.ledgers:
         assert ledger.exactly_once, ledger.describe()
     assert pipe.digests[0] == uninterrupted[0] and pipe.digests[1] == uninterrupted[1]
+
+
+def test_killed_fused_mixer_restarts_and_the_stream_goes_on_unchanged(ray_session, digits_shards, tmp_path):
+    """One reader per rank runs inside the mixer (``runtime.fuse_reader``): killing that mixer
+    loses its reader and its outbox; the restarted one rebuilds the batches the channel has
+    tickets for and the stream is the uninterrupted one."""
+    runtime = {"readers_per_rank": 1}
+    pipe = ImagePipeline(_spec(digits_shards, tmp_path / "full", runtime=runtime), show_progress=False,
+                         record_digests=True)
+    pipe.run()
+    uninterrupted = pipe.digests
+    spec = _spec(digits_shards, tmp_path / "killed", runtime=runtime, trainer={"throttle": {0: 0.03, 1: 0.03}})
+    pipe = ImagePipeline(spec, show_progress=False, record_digests=True)
+    killed: list = []
+    thread = _kill_when(pipe, 8 * 32, ["mixer"], killed)
+    summary = pipe.run()
+    thread.join(timeout=5)
+    assert len(killed) == 1
+    kind, before, after, at, rebuilt = killed[0]
+    assert before != after and rebuilt > 0 and at < len(_keys(uninterrupted[0])) - 2 * 32
+    for ledger in summary.ledgers:
+        assert ledger.exactly_once, ledger.describe()
+    assert pipe.digests == uninterrupted
 
 
 # --- Ray: losing the node that runs the readers ---------------------------------------------

@@ -183,15 +183,15 @@ def _handles_once_running(pipe: ImagePipeline, rank: int) -> list:
     return pipe.trainers + pipe.mixers + pipe.decoders + pipe.channels
 
 
-def test_trainer_killed_mid_epoch_stops_pipeline_with_named_error(ray_session, digits_shards, tmp_path):
-    # Data-parallel ranks (gloo): the surviving rank's all-reduce fails too once its peer is gone.
-    spec = make_spec(digits_shards, tmp_path, trainer={"epochs": 5, "model": "digits_cnn", "throttle": {1: 0.05}})
-    pipe = ImagePipeline(spec, show_progress=False)
+def _kill_trainer_expect_stop(pipe, running, rank: int = 1) -> tuple[list, BaseException | None]:
+    """Run ``pipe`` in the background; once ``running()`` returns the actors' handles, kill trainer
+    ``rank`` and expect the run to stop by itself within 45 s. Returns the handles and the error
+    the run raised."""
     outcome: dict = {}
     thread = _run_in_background(pipe, outcome)
     try:
-        handles = _handles_once_running(pipe, 1)
-        ray.kill(pipe.trainers[1])
+        handles = running()
+        ray.kill(pipe.trainers[rank])
         killed = time.monotonic()
         thread.join(timeout=90)
         assert not thread.is_alive(), "the pipeline hangs after a trainer died"
@@ -199,13 +199,21 @@ def test_trainer_killed_mid_epoch_stops_pipeline_with_named_error(ray_session, d
     finally:
         if thread.is_alive():
             pipe._stop("test failed")
-    error = outcome.get("error")
-    assert isinstance(error, PipelineError), outcome
+    return handles, outcome.get("error")
+
+
+def test_trainer_killed_mid_epoch_stops_pipeline_with_named_error(ray_session, digits_shards, tmp_path):
+    # Data-parallel ranks (gloo): the surviving rank's all-reduce fails too once its peer is gone.
+    spec = make_spec(digits_shards, tmp_path, trainer={"epochs": 5, "model": "digits_cnn", "throttle": {1: 0.05}})
+    pipe = ImagePipeline(spec, show_progress=False)
+    handles, error = _kill_trainer_expect_stop(pipe, lambda: _handles_once_running(pipe, 1))
+    assert isinstance(error, PipelineError), error
     assert re.match(r"trainer r1 \(epoch \d\) died: The actor died", str(error)), str(error)
     assert "class_name: TrainerRank" in str(error) and "killed by `ray.kill`" in str(error)
     assert isinstance(error.__cause__, ray.exceptions.ActorDiedError)
-    # Every actor the pipeline started (trainers, mixers, decoders, channels) is gone.
-    assert len(handles) == 2 + 2 + 2 + 2
+    # Every actor the pipeline started is gone: trainers, mixers (each decoding its rank's one
+    # reader: runtime.fuse_reader) and channels.
+    assert len(handles) == 2 + 2 + 2 and not pipe.decoders
     assert all(_dead(h) for h in handles)
     assert not pipe.trainers and not pipe.mixers and not pipe.decoders and not pipe.channels
 
@@ -241,7 +249,7 @@ def test_sigint_during_mixflow_run_stops_pipeline_and_keeps_joined_ray(ray_sessi
     out = capsys.readouterr().out
     assert code == 128 + signal.SIGINT
     assert "stopped by SIGINT: producers stopped, channels closed" in out and "Ray left running" in out
-    assert len(handles) == 8 and all(_dead(h) for h in handles)
+    assert len(handles) == 6 and all(_dead(h) for h in handles)  # 2 trainers, 2 mixers (fused readers), 2 channels
     # Ray was already running (the test session's): mixflow run stops its pipeline, not Ray.
     assert ray.is_initialized() and ray.get(ray.put(7)) == 7
     assert signal.getsignal(signal.SIGINT) is handler_before
@@ -264,23 +272,15 @@ def test_token_trainer_killed_mid_run_stops_pipeline_with_named_error(ray_sessio
                     "eval_every": 0, "throttle": {1: 0.05}},
     })
     pipe = TokenPipeline(spec, show_progress=False)
-    outcome: dict = {}
-    thread = _run_in_background(pipe, outcome)
-    try:
+
+    def running() -> list:
         _wait_until(lambda: bool(pipe.trainers), 120, "the pipeline's actors")
         trainer = pipe.trainers[1]
         _wait_until(lambda: ray.get(trainer.progress.remote())["steps"] > 0, 120, "rank 1's first step")
-        handles = pipe.trainers + pipe.producers + pipe.channels + [pipe.controller]
-        ray.kill(trainer)
-        killed = time.monotonic()
-        thread.join(timeout=90)
-        assert not thread.is_alive(), "the token pipeline hangs after a trainer died"
-        assert time.monotonic() - killed < 45
-    finally:
-        if thread.is_alive():
-            pipe._stop("test failed")
-    error = outcome.get("error")
-    assert isinstance(error, PipelineError), outcome
+        return pipe.trainers + pipe.producers + pipe.channels + [pipe.controller]
+
+    handles, error = _kill_trainer_expect_stop(pipe, running)
+    assert isinstance(error, PipelineError), error
     assert str(error).startswith("trainer r1 died: The actor died"), str(error)
     assert "class_name: LMTrainerRank" in str(error) and "killed by `ray.kill`" in str(error)
     assert len(handles) == 2 + 2 + 2 + 1 and all(_dead(h) for h in handles)

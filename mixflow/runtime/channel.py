@@ -1,7 +1,7 @@
 """Credit-based channels: one per trainer rank, bounded by item count AND bytes.
 
 Producers ``put`` a batch (or its ObjectRef wrapped in a list, so Ray does not resolve
-it) and wait until the channel has credit: fewer than ``max_items`` queued and the bytes
+it, or a ticket: see below) and wait until the channel has credit: fewer than ``max_items`` queued and the bytes
 queued plus this batch within ``max_bytes`` (a single batch larger than the bound
 is let through an empty channel so nothing can deadlock). A slow rank therefore
 slows exactly its own producers while every other rank's channel keeps flowing.
@@ -11,10 +11,15 @@ start position and tags every ``put`` with the stream position after that batch
 (``epoch``, ``step``, ...). The channel keeps only the batch that comes next in the
 stream and drops a repeat, so a put sent by a producer that then died, and the same
 batch sent again by its restarted self, land once; ``open`` tells the restarted
-producer where the stream stands. Such a producer puts batches by value: the channel
-then holds them (in Ray's shared-memory object store, without copying them again), so
-queued batches outlive the producer; an ObjectRef would die with the producer that
-owns it.
+producer where the stream stands.
+
+What the channel queues: a batch by value (token producers), its ObjectRef in a list, or
+a *ticket* (the image mixer): a small dict marked ``TICKET`` with the batch's position,
+size and source, while the batch stays with its producer. The reader then takes the
+batch from the producer (``holder.take(ticket)``); the return value is owned by the
+reader, so the batch is copied into Ray's object store once, not once per hop, and
+survives its producer. A restarted producer has lost the batches its dead self held;
+it rebuilds them from their source on ``take``. Credit counts the ticketed batch's bytes.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from mixflow.errors import PipelineError
 
 END = "end"
 BATCH = "batch"
+TICKET = "ticket"  # marks a ticket: the batch stays with its producer, which hands it out with take(ticket)
 
 
 @ray.remote(num_cpus=0)
@@ -143,13 +149,15 @@ class Channel:
 
 class ChannelReader:
     """Trainer-side end of a channel: yields batch dicts, one ``get`` kept in flight ahead.
+    Tickets are exchanged for their batch with ``holder.take(ticket)``.
 
     ``last`` is the batch most recently returned and ``end_info`` the payload of the
     last end marker: what the trainer has consumed, for its position in the stream.
     """
 
-    def __init__(self, channel):
+    def __init__(self, channel, holder=None):
         self.channel = channel
+        self.holder = holder  # the producer that hands out ticketed batches (take(ticket)), if any
         self._next = None
         self.wait_s = 0.0
         self.last: dict | None = None
@@ -167,6 +175,11 @@ class ChannelReader:
             return None
         self._next = self.channel.get.remote()
         batch = ray.get(payload[0]) if isinstance(payload, list) else payload
+        if TICKET in batch:  # the batch itself comes from its holder, owned by this reader
+            if self.holder is None:
+                raise PipelineError(f"channel sent a ticket for batch {batch.get('key')}, but this reader "
+                                    "has no producer to take it from")
+            batch = ray.get(self.holder.take.remote(batch))
         self.last = batch
         self.wait_s += time.perf_counter() - start
         return batch

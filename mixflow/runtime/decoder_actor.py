@@ -20,15 +20,23 @@ from mixflow.decode.decode_stage import DecodeStage
 RESTARTS = {"max_restarts": -1, "max_task_retries": -1}  # restart forever; requests are idempotent
 
 
+def reader_stage(spec: PipelineSpec, shards: list[ShardInfo], reader: int, num_readers: int, device: str,
+                 first_epoch: int = 0, epoch_orders: dict[int, np.ndarray] | None = None) -> DecodeStage:
+    """Reader ``reader`` of ``num_readers`` as the spec configures it, warmed up on ``first_epoch``:
+    what a decoder actor serves, or a fused mixer decodes itself."""
+    stage = DecodeStage(shards, reader, num_readers, spec.decode, spec.trainer.batch_size,
+                        spec.data.num_classes, spec.seed, spec.data.shuffle_window, spec.on_error,
+                        device, epoch_orders)
+    stage.warm_up(first_epoch)
+    return stage
+
+
 @ray.remote(num_cpus=0, **RESTARTS)
 class DecoderActor:
     def __init__(self, spec_json: str, shards: list[ShardInfo], reader: int, num_readers: int, device: str,
                  first_epoch: int = 0, epoch_orders: dict[int, np.ndarray] | None = None):
         spec = PipelineSpec.model_validate_json(spec_json)
-        self.stage = DecodeStage(shards, reader, num_readers, spec.decode, spec.trainer.batch_size,
-                                 spec.data.num_classes, spec.seed, spec.data.shuffle_window, spec.on_error,
-                                 device, epoch_orders)
-        self.stage.warm_up(first_epoch)
+        self.stage = reader_stage(spec, shards, reader, num_readers, device, first_epoch, epoch_orders)
 
     def batch(self, epoch: int, index: int, start: int | None = None) -> dict | None:
         """Batch ``index`` of ``epoch`` (``None`` past the end); see :meth:`DecodeStage.batch`."""

@@ -103,15 +103,24 @@ class ImagePipeline:
         self.channels = [Channel.options(**opts["channel"]).remote(f"r{r}", spec.channel.max_items,
                                                                    spec.channel.max_bytes) for r in range(ranks)]
         orders = ckpt.reader_orders(state, shards)
-        self.decoders = [DecoderActor.options(**{"scheduling_strategy": "SPREAD", **gpu, **opts["decoder"]}).remote(
-            spec_json, shards, reader, ranks * k, device, state["epoch"], orders[reader])
-            for reader in range(ranks * k)]
-        self.mixers = [MixerActor.options(**opts["mixer"]).remote(
-            spec_json, r, self.decoders[r * k:(r + 1) * k], self.channels[r], state["rank_states"][r]["position"])
-            for r in range(ranks)]
+        if k == 1 and spec.runtime.fuse_reader:  # each mixer decodes its rank's one reader itself
+            self.decoders = []
+            self.mixers = [MixerActor.options(**{**gpu, **opts["mixer"]}).remote(
+                spec_json, r, [], self.channels[r], state["rank_states"][r]["position"],
+                reader={"shards": shards, "reader": r, "num_readers": ranks, "device": device,
+                        "first_epoch": state["epoch"], "epoch_orders": orders[r]})
+                for r in range(ranks)]
+        else:
+            self.decoders = [DecoderActor.options(**{"scheduling_strategy": "SPREAD", **gpu, **opts["decoder"]})
+                             .remote(spec_json, shards, reader, ranks * k, device, state["epoch"], orders[reader])
+                             for reader in range(ranks * k)]
+            self.mixers = [MixerActor.options(**opts["mixer"]).remote(
+                spec_json, r, self.decoders[r * k:(r + 1) * k], self.channels[r],
+                state["rank_states"][r]["position"]) for r in range(ranks)]
         context = {"cuts": state["cuts"], "skipped_before_cuts": state["skipped_before_cuts"]}
         self.trainers = [TrainerRank.options(**{"scheduling_strategy": "SPREAD", **opts["trainer"]}).remote(
-            spec_json, r, ranks, self.channels[r], self.record_digests, {**state["rank_states"][r], **context})
+            spec_json, r, ranks, self.channels[r], self.record_digests, {**state["rank_states"][r], **context},
+            self.mixers[r])
             for r in range(ranks)]
         saved = state.get("checkpoints") if spec.trainer.model != "none" else None
         if saved and len(saved) != ranks:

@@ -8,16 +8,24 @@ one whose samples were all bad; every other entry becomes the next mixed batch
 stream is therefore a pure function of the seed, the shards, ``batch_size`` and
 ``k``: not of timing, prefetch depth, restarts or where a run was resumed.
 
-``prefetch`` requests per reader are kept in flight. Each mixed batch carries its
+``prefetch`` requests per reader are kept in flight. A *fused* mixer (``reader=`` given:
+one reader per rank) runs that reader's :class:`DecodeStage` itself and decodes each
+batch when it is due, which saves a process and one object-store copy per batch. Each mixed batch carries its
 *position*, the state after it: ``epoch``, ``step`` (batches so far), ``cursor``
 (next entry) and ``starts`` (where each slot's next batch starts in its reader's
 sequence). A trainer that saves the position of the last batch it consumed can
 resume exactly there; batches in flight are simply produced again.
 
+Delivery: a mixed batch stays in the mixer's outbox and the channel gets a *ticket*
+(position, quarantine records, size, source request); the trainer takes the batch with
+the ticket (:meth:`MixerActor.take`), so it is serialised once, into an object the
+trainer owns.
+
 Restarts: the actor is restartable and its ``run`` is retried; a restarted mixer
 asks the channel where the stream stands (``Channel.open``) and goes on from the
 batch after the last one the channel accepted, so nothing is lost or repeated.
-Batches go to the channel by value, so the ones queued there survive the mixer.
+Tickets queued in the channel outlive the mixer: the restarted one rebuilds their
+batches from the source request on ``take`` (the same batch: reads and mixes are pure).
 A reader that dies mid-request is restarted by Ray and the request retried; a
 request whose result is lost with its node is sent again (requests name the batch).
 """
@@ -25,6 +33,7 @@ request whose result is lost with its node is sent again (requests name the batc
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections import deque
 
@@ -32,6 +41,8 @@ import ray
 
 from mixflow.config import PipelineSpec
 from mixflow.errors import PipelineError
+from mixflow.runtime.channel import TICKET
+from mixflow.runtime.decoder_actor import reader_stage
 from mixflow.runtime.mix_stage import MixStage, batch_nbytes
 
 RESTARTS = {"max_restarts": -1, "max_task_retries": -1}
@@ -44,9 +55,12 @@ def start_position(epoch: int, slots: int, step: int = 0, cursor: int = 0, start
     return {"epoch": epoch, "step": step, "cursor": cursor, "starts": list(starts or [0] * slots)}
 
 
-@ray.remote(num_cpus=0, max_concurrency=2, **RESTARTS)
+@ray.remote(num_cpus=0, max_concurrency=4, **RESTARTS)
 class MixerActor:
-    def __init__(self, spec_json: str, rank: int, decoders: list, channel, start: dict, device: str = "cpu"):
+    def __init__(self, spec_json: str, rank: int, decoders: list, channel, start: dict, device: str = "cpu",
+                 reader: dict | None = None):
+        """``decoders``: the rank's decoder actors; or none, with ``reader`` the arguments of
+        :func:`reader_stage` (after the spec) for the one reader this mixer runs itself."""
         import torch
 
         torch.set_num_threads(1)
@@ -54,11 +68,18 @@ class MixerActor:
         params = spec.mix.model_dump(exclude={"method"})
         self.stage = MixStage(spec.mix.method, params, spec.data.num_classes, spec.seed, rank, device)
         self.rank = rank
-        self.decoders = decoders
+        if (reader is None) == (not decoders):
+            raise ValueError("MixerActor needs decoder actors or a fused reader, not both or neither")
+        self.local = reader_stage(spec, **reader) if reader is not None else None
+        self.decoders = decoders or [None]
         self.channel = channel
         self.start = start
         self.prefetch = spec.runtime.prefetch
-        self.progress = {"epoch": None, "batches": 0, "samples": 0, "mix_s": 0.0, "put_wait_s": 0.0, "retries": 0}
+        self._put = None  # (outbox key, ref) of the channel put in flight
+        self.outbox: dict[tuple[int, int], dict] = {}  # (epoch, step) -> mixed batch, until taken
+        self._reader_lock = threading.Lock()
+        self.progress = {"epoch": None, "batches": 0, "samples": 0, "mix_s": 0.0, "put_wait_s": 0.0, "retries": 0,
+                         "rebuilt": 0}
 
     def run(self, last_epoch: int) -> int:
         """Produce from where the channel's stream stands through the end of ``last_epoch``;
@@ -94,7 +115,8 @@ class MixerActor:
                     continue
                 hint = starts[slot] if index == next_index[slot] else None
                 request = (epoch, index, hint)
-                pending.append((issue_at, slot, request, self.decoders[slot].batch.remote(*request)))
+                ref = None if self.local else self.decoders[slot].batch.remote(*request)
+                pending.append((issue_at, slot, request, ref))
 
         issue()
         while pending:
@@ -109,14 +131,19 @@ class MixerActor:
                 carried += decoded["skipped"]
                 if decoded["keys"]:
                     step += 1
-                    self._push(decoded, start_position(epoch, k, step, after, starts), carried)
+                    source = (slot, (epoch, index, decoded["start"]))
+                    self._push(decoded, start_position(epoch, k, step, after, starts), carried, source)
                     carried = []
             issue()
         info = {"epoch": epoch, "rank": self.rank, "batches": step, "skipped": carried}
+        self._flush()
         ray.get(self.channel.end.remote(info))
 
     def _fetch(self, slot: int, request: tuple, ref):
         """The reader's answer to ``request``; sent again if the reader or its node was lost."""
+        if self.local is not None:
+            with self._reader_lock:  # take() may rebuild a batch beside run()
+                return self.local.batch(*request)
         deadline = time.monotonic() + RETRY_S
         while True:
             try:
@@ -129,19 +156,53 @@ class MixerActor:
                 time.sleep(RETRY_PAUSE_S)
                 ref = self.decoders[slot].batch.remote(*request)
 
-    def _push(self, decoded: dict, position: dict, skipped: list) -> None:
+    def _mix(self, decoded: dict, position: dict, skipped: list) -> dict:
         start = time.perf_counter()
         mixed = self.stage(decoded, position["epoch"], position["step"] - 1)
         mixed["position"] = position
         mixed["skipped"] = skipped
-        mid = time.perf_counter()
-        ray.get(self.channel.put.remote(mixed, batch_nbytes(mixed), position))
+        self.progress["mix_s"] += time.perf_counter() - start
+        return mixed
+
+    def _push(self, decoded: dict, position: dict, skipped: list, source: tuple) -> None:
+        """Mix the batch, keep it in the outbox and send the channel its *ticket*: position,
+        quarantine records, size and where it came from (``source``: reader slot and request).
+        The trainer takes the batch from this actor with the ticket (:meth:`take`). The put
+        stays in flight while the next batch is decoded and mixed; it is waited for before the
+        next put, so the channel sees one put at a time, in order."""
+        mixed = self._mix(decoded, position, skipped)
+        key = (position["epoch"], position["step"])
+        self.outbox[key] = mixed
+        ticket = {TICKET: True, "key": key, "source": source, "position": position,
+                  "skipped": skipped}
+        self._flush()
+        self._put = (key, self.channel.put.remote(ticket, batch_nbytes(mixed), position))
         p = self.progress
-        p["mix_s"] += mid - start
-        p["put_wait_s"] += time.perf_counter() - mid
         p["batches"] += 1
         p["samples"] += len(mixed["keys"])
         p["epoch"] = position["epoch"]
+
+    def _flush(self) -> None:
+        """Wait for the put in flight, if any."""
+        if self._put is not None:
+            start = time.perf_counter()
+            key, ref = self._put
+            if not ray.get(ref):  # a repeat the channel dropped: nobody will take it
+                self.outbox.pop(key, None)
+            self._put = None
+            self.progress["put_wait_s"] += time.perf_counter() - start
+
+    def take(self, ticket: dict) -> dict:
+        """The batch of ``ticket`` (the return value is owned by the caller, so it outlives this
+        actor). A restarted mixer has lost its outbox: it rebuilds the batch from its source,
+        which gives the same batch (reader requests and mixes are pure functions of the seed)."""
+        batch = self.outbox.pop(tuple(ticket["key"]), None)
+        if batch is not None:
+            return batch
+        self.progress["rebuilt"] += 1
+        slot, request = ticket["source"]
+        ref = None if self.local else self.decoders[slot].batch.remote(*request)
+        return self._mix(self._fetch(slot, tuple(request), ref), ticket["position"], ticket["skipped"])
 
     def stats(self) -> dict:
         return dict(self.progress)

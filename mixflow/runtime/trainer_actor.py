@@ -41,7 +41,7 @@ def _free_port() -> int:
 @ray.remote(num_cpus=0, max_concurrency=2)
 class TrainerRank:
     def __init__(self, spec_json: str, rank: int, world_size: int, channel, record_digests: bool = False,
-                 resume: dict | None = None):
+                 resume: dict | None = None, holder=None):
         torch.set_num_threads(1)
         self.spec = PipelineSpec.model_validate_json(spec_json)
         self.slots = self.spec.runtime.readers_per_rank
@@ -54,7 +54,7 @@ class TrainerRank:
         self.skipped_before_cuts = list(resume.get("skipped_before_cuts", []))
         self.rank = rank
         self.world_size = world_size
-        self.reader = ChannelReader(channel)
+        self.reader = ChannelReader(channel, holder)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = None
         self.optimizer = None
