@@ -1,8 +1,8 @@
 """Run a pipeline on a simulated multi-node Ray cluster on this machine.
 
 ``ray.cluster_utils.Cluster`` starts a head node and worker nodes as separate raylets;
-decoder and trainer actors are spread over them (``SPREAD`` scheduling), exactly as
-they would be on real nodes.
+readers (decoder actors, or mixers decoding their rank's one reader) and trainer actors are
+spread over them (``SPREAD`` scheduling), exactly as they would be on real nodes.
 
     python cluster/local_multinode.py pipelines/digits_mixup.yaml --nodes 2 --set trainer.epochs=1
 """

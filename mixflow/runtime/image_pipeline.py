@@ -2,7 +2,8 @@
 
 Each trainer rank owns ``readers_per_rank`` decoder actors (disjoint shards, reassigned
 each epoch), one mixer actor and one credit-based channel, so a slow rank only slows
-its own producers. Mixers produce straight through all epochs; the driver walks the
+its own producers. With one reader per rank (and ``runtime.fuse_reader``) the mixer runs
+that reader itself and there are no decoder actors. Mixers produce straight through all epochs; the driver walks the
 trainer ranks epoch by epoch, shows progress, and checks the delivery ledger at the
 end of each epoch.
 
@@ -105,7 +106,7 @@ class ImagePipeline:
         orders = ckpt.reader_orders(state, shards)
         if k == 1 and spec.runtime.fuse_reader:  # each mixer decodes its rank's one reader itself
             self.decoders = []
-            self.mixers = [MixerActor.options(**{**gpu, **opts["mixer"]}).remote(
+            self.mixers = [MixerActor.options(**{"scheduling_strategy": "SPREAD", **gpu, **opts["mixer"]}).remote(
                 spec_json, r, [], self.channels[r], state["rank_states"][r]["position"],
                 reader={"shards": shards, "reader": r, "num_readers": ranks, "device": device,
                         "first_epoch": state["epoch"], "epoch_orders": orders[r]})
