@@ -89,7 +89,7 @@ RUN_ORDER = ("b", "c", "a", "d")  # non-Ray variants first (see module docstring
 # (a) mixflow: the adapter
 # --------------------------------------------------------------------------------------
 
-def run_mixflow(shard_dir, batch_size, size, num_classes, epochs=1, decode_threads=2):
+def run_mixflow(shard_dir, batch_size, size, num_classes, epochs=1, decode_threads=1):
     """Run mixflow end to end over ``shard_dir``: returns its :class:`RunSummary`.
 
     ``epochs`` epochs of ``size`` x ``size`` RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3)

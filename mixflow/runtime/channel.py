@@ -177,8 +177,8 @@ class ChannelReader:
         batch = ray.get(payload[0]) if isinstance(payload, list) else payload
         if TICKET in batch:  # the batch itself comes from its holder, owned by this reader
             if self.holder is None:
-                raise PipelineError(f"channel sent a ticket for batch {batch.get('key')}, but this reader "
-                                    "has no producer to take it from")
+                raise PipelineError(f"channel {self.channel} sent a ticket (position {batch.get('position')}), "
+                                    "but this reader has no producer to take it from")
             batch = ray.get(self.holder.take.remote(batch))
         self.last = batch
         self.wait_s += time.perf_counter() - start

@@ -38,11 +38,9 @@ from mixflow.runtime.ledger import EpochLedger, check_epoch
 from mixflow.runtime.mixer_actor import MixerActor
 from mixflow.runtime.progress import PipelineProgress
 from mixflow.runtime.ray_session import ensure_ray
-from mixflow.runtime.stage_failure import wait_for_stages
+from mixflow.runtime.stage_failure import stop_stages, wait_for_stages
 from mixflow.runtime.summary import RankSummary, RunSummary
 from mixflow.runtime.trainer_actor import TrainerRank
-
-TEARDOWN_S = 5.0  # how long stopping waits for the ranks to leave their process groups
 
 
 def prepare_shards(spec: PipelineSpec, console: Console | None = None,
@@ -149,15 +147,7 @@ class ImagePipeline:
         return state
 
     def _stop(self, reason: str | None = None) -> None:
-        if reason:
-            for ch in self.channels:
-                ch.fail.remote(reason)
-        if self.trainers:
-            # All ranks at once, one deadline: a rank stuck in a collective with a dead peer is killed below.
-            teardowns = [t.teardown.remote() for t in self.trainers]
-            ray.wait(teardowns, num_returns=len(teardowns), timeout=TEARDOWN_S)
-        for actor in self.trainers + self.mixers + self.decoders + self.channels:
-            ray.kill(actor, no_restart=True)
+        stop_stages(reason, self.channels, self.trainers, self.mixers + self.decoders)
         self.trainers, self.mixers, self.decoders, self.channels = [], [], [], []
 
     def _wait(self, refs: dict, progress: PipelineProgress, until_done: set) -> dict:

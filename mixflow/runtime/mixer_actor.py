@@ -71,7 +71,8 @@ class MixerActor:
         if (reader is None) == (not decoders):
             raise ValueError("MixerActor needs decoder actors or a fused reader, not both or neither")
         self.local = reader_stage(spec, **reader) if reader is not None else None
-        self.decoders = decoders or [None]
+        self.decoders = decoders
+        self.slots = len(decoders) or 1
         self.channel = channel
         self.start = start
         self.prefetch = spec.runtime.prefetch
@@ -88,12 +89,12 @@ class MixerActor:
         put_before = self.progress["batches"]
         for epoch in range(position["epoch"], last_epoch + 1):
             if epoch != position["epoch"]:
-                position = start_position(epoch, len(self.decoders))
+                position = start_position(epoch, self.slots)
             self._produce_epoch(position)
         return self.progress["batches"] - put_before
 
     def _produce_epoch(self, position: dict) -> None:
-        k = len(self.decoders)
+        k = self.slots
         if position.get("done"):  # resumed after this rank had finished the epoch: only its end marker
             ray.get(self.channel.end.remote({"epoch": position["epoch"], "rank": self.rank,
                                              "batches": position["step"], "skipped": []}))
@@ -115,8 +116,7 @@ class MixerActor:
                     continue
                 hint = starts[slot] if index == next_index[slot] else None
                 request = (epoch, index, hint)
-                ref = None if self.local else self.decoders[slot].batch.remote(*request)
-                pending.append((issue_at, slot, request, ref))
+                pending.append((issue_at, slot, request, self._request(slot, request)))
 
         issue()
         while pending:
@@ -139,6 +139,11 @@ class MixerActor:
         self._flush()
         ray.get(self.channel.end.remote(info))
 
+    def _request(self, slot: int, request: tuple):
+        """Send ``request`` to the reader of ``slot``: its ref, or None for the fused reader
+        (decoded when fetched)."""
+        return None if self.local is not None else self.decoders[slot].batch.remote(*request)
+
     def _fetch(self, slot: int, request: tuple, ref):
         """The reader's answer to ``request``; sent again if the reader or its node was lost."""
         if self.local is not None:
@@ -154,7 +159,7 @@ class MixerActor:
                                         f"{request[1]} of epoch {request[0]} for {RETRY_S:.0f} s: {exc}") from exc
                 self.progress["retries"] += 1
                 time.sleep(RETRY_PAUSE_S)
-                ref = self.decoders[slot].batch.remote(*request)
+                ref = self._request(slot, request)
 
     def _mix(self, decoded: dict, position: dict, skipped: list) -> dict:
         start = time.perf_counter()
@@ -173,8 +178,7 @@ class MixerActor:
         mixed = self._mix(decoded, position, skipped)
         key = (position["epoch"], position["step"])
         self.outbox[key] = mixed
-        ticket = {TICKET: True, "key": key, "source": source, "position": position,
-                  "skipped": skipped}
+        ticket = {TICKET: True, "source": source, "position": position, "skipped": skipped}
         self._flush()
         self._put = (key, self.channel.put.remote(ticket, batch_nbytes(mixed), position))
         p = self.progress
@@ -196,13 +200,14 @@ class MixerActor:
         """The batch of ``ticket`` (the return value is owned by the caller, so it outlives this
         actor). A restarted mixer has lost its outbox: it rebuilds the batch from its source,
         which gives the same batch (reader requests and mixes are pure functions of the seed)."""
-        batch = self.outbox.pop(tuple(ticket["key"]), None)
+        position = ticket["position"]
+        batch = self.outbox.pop((position["epoch"], position["step"]), None)
         if batch is not None:
             return batch
         self.progress["rebuilt"] += 1
         slot, request = ticket["source"]
-        ref = None if self.local else self.decoders[slot].batch.remote(*request)
-        return self._mix(self._fetch(slot, tuple(request), ref), ticket["position"], ticket["skipped"])
+        request = tuple(request)
+        return self._mix(self._fetch(slot, request, self._request(slot, request)), position, ticket["skipped"])
 
     def stats(self) -> dict:
         return dict(self.progress)

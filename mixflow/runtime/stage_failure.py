@@ -1,4 +1,5 @@
-"""Turn the error a pipeline stage's Ray task ended with into a :class:`PipelineError` naming the stage."""
+"""Pipeline stage lifecycle shared by the image and token pipelines: turn the error a stage's Ray
+task ended with into a :class:`PipelineError` naming the stage, wait on the stages, stop them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import ray
 from mixflow.errors import PipelineError
 
 PEER_GRACE_S = 1.0  # how long the other stages get to report once one has failed
+TEARDOWN_S = 5.0  # how long stopping waits for the ranks to leave their process groups
 
 
 def _own_death(exc: Exception) -> bool:
@@ -69,3 +71,17 @@ def wait_for_stages(stages: dict, until_done: set, channels: list, trainers: lis
             continue  # an actor died: the ref of the stage it serves fails on the next wait, named
         progress.update(sum(p[count_key] for p in prog), stats, [p["loss"] for p in prog])
     return results
+
+
+def stop_stages(reason: str | None, channels: list, trainers: list, others: list) -> None:
+    """Stop a pipeline's actors: with a ``reason``, fail the channels first (every waiter wakes
+    with it); tear the trainers down all at once under one deadline (a rank stuck in a
+    collective with a dead peer is killed below); then kill every actor without restart."""
+    if reason:
+        for ch in channels:
+            ch.fail.remote(reason)
+    if trainers:
+        teardowns = [t.teardown.remote() for t in trainers]
+        ray.wait(teardowns, num_returns=len(teardowns), timeout=TEARDOWN_S)
+    for actor in trainers + others + channels:
+        ray.kill(actor, no_restart=True)

@@ -31,10 +31,9 @@ from mixflow.runtime.lm_trainer_actor import LMTrainerRank
 from mixflow.runtime.mixture_controller import MixtureController
 from mixflow.runtime.progress import PipelineProgress
 from mixflow.runtime.ray_session import ensure_ray
-from mixflow.runtime.stage_failure import wait_for_stages
+from mixflow.runtime.stage_failure import stop_stages, wait_for_stages
 from mixflow.runtime.token_producer import TokenProducer
 
-TEARDOWN_S = 5.0  # how long stopping waits for the ranks to leave their process groups
 SHARDS_PER_DOMAIN = 8
 GRADIENT_POLICIES = ("tikmix_d", "tikmix_m", "doge")  # consume Feedback.grad_dot_val
 GRAD_STATS_EVERY = 5
@@ -185,16 +184,8 @@ class TokenPipeline:
             ray.get([tr.restore.remote(resume["ranks"][r]) for r, tr in enumerate(self.trainers)])
 
     def _stop(self, reason: str | None = None) -> None:
-        if reason:
-            for ch in self.channels:
-                ch.fail.remote(reason)
-        if self.trainers:
-            # All ranks at once, one deadline: a rank stuck in a collective with a dead peer is killed below.
-            teardowns = [tr.teardown.remote() for tr in self.trainers]
-            ray.wait(teardowns, num_returns=len(teardowns), timeout=TEARDOWN_S)
-        actors = self.trainers + self.producers + self.channels + ([self.controller] if self.controller else [])
-        for actor in actors:
-            ray.kill(actor, no_restart=True)
+        stop_stages(reason, self.channels, self.trainers,
+                    self.producers + ([self.controller] if self.controller else []))
         self.trainers, self.producers, self.channels, self.controller = [], [], [], None
 
     def run(self, stop_after: int | None = None) -> TokenRunSummary:
