@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mixflow.mix import huge_pages, ops
+from mixflow.mix import cpu_kernels, huge_pages, ops
 from mixflow.mix.huge_pages import empty_like
 from mixflow.mix.fmix_masks import binarise, top_values
 from mixflow.mix.mask_ops import apply_mask
@@ -245,3 +245,60 @@ def test_empty_like_without_madvise_is_plain_empty(monkeypatch):
     monkeypatch.setattr(huge_pages, "_madvise", lambda: None)
     out = empty_like(torch.zeros((8, 2**20)))
     assert out.shape == (8, 2**20) and out.is_contiguous()
+
+
+# --------------------------------------------------------------------------- compiled CPU kernels
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float64, torch.int16, torch.float16,
+                                   torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_memcpy_paste_equals_reference_for_every_dtype_and_edge_boxes(dtype, channels_last):
+    n, h, w = 6, 9, 11
+    x = batch(dtype, (n, h, w, 3) if channels_last else (n, 3, h, w))
+    base = batch(dtype, tuple(x.shape), seed=4)
+    perm = torch.tensor([3, 0, 5, 1, 2, 4])
+    boxes = np.array([[0, h, 0, w],      # the whole image
+                      [0, 1, 0, 1],      # one corner pixel
+                      [h - 1, h, w - 1, w],
+                      [2, 7, 0, 4],      # touching the left edge
+                      [3, 3, 2, 9],      # empty (no rows)
+                      [1, 8, 5, 5]])     # empty (no cols)
+    layout = "NHWC" if channels_last else "NCHW"
+    assert cpu_kernels.fits(x, base, dtypes=None)
+    out = paste_boxes(x, perm, boxes, layout, base=base)
+    assert torch.equal(out, reference_paste(x, perm, boxes, channels_last, base))
+    assert torch.equal(out[4], base[4]) and torch.equal(out[5], base[5])
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_fused_blend_rows_on_a_subset_in_any_order(dtype):
+    x = batch(dtype, (9, 4, 5, 3))
+    perm = torch.tensor([2, 2, 0, 8, 3, 3, 7, 6, 1])  # not a permutation (C-Mixup draws partners)
+    lam = np.linspace(0.05, 0.95, 9)
+    rows = np.array([0, 3, 4, 6, 8])
+    out = torch.zeros_like(x)
+    cpu_kernels.blend_rows(x, perm, lam, rows, out)
+    ref = reference_blend(x, perm, lam)
+    assert torch.equal(out[rows], ref[rows])
+    assert not out[[1, 2, 5, 7]].any(), "rows outside the subset are not written"
+
+
+def test_cycle_order_follows_the_pairing_and_keeps_each_row_once():
+    partner = np.array([3, 0, 4, 1, 2, 5], dtype=np.int64)  # cycles (0 3 1), (2 4), (5)
+    order = cpu_kernels._cycle_order(partner, np.arange(6, dtype=np.int64))
+    assert order.tolist() == [0, 3, 1, 2, 4, 5]
+    sub = cpu_kernels._cycle_order(partner, np.array([1, 2, 3], dtype=np.int64))
+    assert sub.tolist() == [1, 3, 2]
+    repeats = cpu_kernels._cycle_order(np.array([1, 1, 1], dtype=np.int64), np.arange(3, dtype=np.int64))
+    assert sorted(repeats.tolist()) == [0, 1, 2]
+
+
+def test_non_contiguous_batches_take_the_torch_path_with_the_same_result():
+    x = batch(torch.uint8, (6, 8, 8, 3))[:, :, ::2]  # strided
+    assert not cpu_kernels.fits(x)
+    perm = torch.tensor([1, 2, 0, 4, 5, 3])
+    lam = np.linspace(0.1, 0.9, 6)
+    assert torch.equal(blend(x, perm, lam), reference_blend(x, perm, lam))
+    boxes = np.array([[1, 5, 0, 3]])
+    assert torch.equal(paste_boxes(x, perm, boxes), reference_paste(x, perm, boxes, channels_last=True))

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from mixflow.mix.huge_pages import empty_like
+from mixflow.mix.buffer_pool import output_like
 
 CHANNELS_LAST = {3: "NLC", 4: "NHWC", 5: "NDHWC"}
 CHANNELS_FIRST = {3: "NCL", 4: "NCHW", 5: "NCDHW"}
@@ -57,7 +57,7 @@ def _select_per_sample(x: torch.Tensor, perm: torch.Tensor, keep: torch.Tensor) 
     """CPU, binary masks: one ``torch.where`` per sample into a fresh batch, no batch-sized partner
     copy; a mask that broadcasts over the last dim (channels-last) is expanded first, once per
     distinct mask, so the select runs on contiguous memory (a stride-0 inner dim is not vectorised)."""
-    out = empty_like(x)
+    out = output_like(x)
     shared = len(keep) == 1
     full = None
     for i, j in enumerate(perm.tolist()):

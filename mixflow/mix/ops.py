@@ -3,11 +3,13 @@
 Images are ``uint8 [B, H, W, C]`` (what decoders emit) or float ``[B, C, H, W]``
 (what models eat); ``layout="auto"`` picks by dtype. uint8 is blended in float32,
 rounded half-to-even and cast back (timm's FastCollateMixup rounds with ``np.rint``).
-Inputs are never modified; outputs are fresh batches on huge pages
-(:mod:`mixflow.mix.huge_pages`). On CPU the work goes a cache-sized chunk (blends) or
-one sample (copies and boxes) at a time, with numpy views where torch's per-call cost
-or its float32 -> uint8 cast would dominate; ``benchmarks/mixing_kernels.py`` measures
-them against timm- and torchvision-style implementations.
+Inputs are never modified; outputs are fresh batches, recycled from earlier calls where
+nothing refers to them any more (:mod:`mixflow.mix.buffer_pool`). On CPU, contiguous
+batches go through compiled single-pass loops (:mod:`mixflow.mix.cpu_kernels`: the blend
+for uint8 and float32, memcpy rows for copies and boxes, any dtype); the rest through
+torch ops a cache-sized chunk at a time, or numpy views one sample at a time.
+``benchmarks/mixing_kernels.py`` measures them against timm- and torchvision-style
+implementations.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mixflow.mix.huge_pages import empty_like
+from mixflow.mix import cpu_kernels
+from mixflow.mix.buffer_pool import output_like
 
 LAYOUTS = ("auto", "NHWC", "NCHW")
 
@@ -37,9 +40,8 @@ def _view(lam: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return lam.view(-1, *([1] * (x.dim() - 1)))
 
 
-# Work on this many elements at a time: float32 temporaries of a cache-sized chunk
-# instead of batch-sized ones (see :mod:`mixflow.mix.huge_pages` for what fresh
-# batch-sized buffers cost on CPU).
+# Torch-op blends work on this many elements at a time: float32 temporaries of a
+# cache-sized chunk instead of batch-sized ones.
 CHUNK_ELEMS = 1 << 19
 
 
@@ -54,7 +56,7 @@ def blend(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray) -> torch.Tensor:
     rows = np.flatnonzero(lam != 1.0)
     if len(rows) == 0:
         return x
-    out = empty_like(x)
+    out = output_like(x)
     copy_and_paste(x, perm, np.flatnonzero(lam == 1.0), out)
     blend_rows(x, perm, lam, rows, out)
     return out
@@ -79,7 +81,7 @@ def paste_boxes(x: torch.Tensor, perm: torch.Tensor, boxes: np.ndarray, layout: 
         if region is not None:
             out[region] = x[region].index_select(0, perm)
         return out
-    out = empty_like(base)
+    out = output_like(base)
     copy_and_paste(x, perm, np.arange(len(x)), out, base, boxes, hd, wd)
     return out
 
@@ -98,7 +100,7 @@ def blend_or_paste(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray, boxes: 
         return x
     if x.device.type != "cpu":
         return paste_boxes(x, perm, boxes, layout, base=blend(x, perm, np.where(cut, 1.0, lam)))
-    out = empty_like(x)
+    out = output_like(x)
     copy_and_paste(x, perm, np.flatnonzero(~mixed), out, x, boxes, hd, wd)
     blend_rows(x, perm, lam, np.flatnonzero(mixed), out)
     return out
@@ -124,10 +126,9 @@ def copy_and_paste(x: torch.Tensor, perm: torch.Tensor, rows: np.ndarray, out: t
     """For ``i`` in ``rows``: ``out[i] = base[i]`` (default ``x``), then ``x[perm[i]]`` pasted inside
     ``boxes[i]`` (spatial dims ``hd``/``wd``) when boxes are given.
 
-    On CPU, sample by sample, so a box is pasted while its sample is still in cache,
-    through numpy views (a tenth of torch indexing's per-call cost, and no multi-threaded
-    region to wait on when other processes hold the cores). Elsewhere, plain copies are
-    one ``index_copy_``.
+    On CPU, contiguous batches go through one compiled loop of memcpys that writes each
+    element once (:func:`mixflow.mix.cpu_kernels.copy_and_paste`); other CPU batches
+    sample by sample through numpy views. Elsewhere, plain copies are one ``index_copy_``.
     """
     if len(rows) == 0:
         return
@@ -135,23 +136,40 @@ def copy_and_paste(x: torch.Tensor, perm: torch.Tensor, rows: np.ndarray, out: t
         index = torch.as_tensor(rows, device=x.device)
         out.index_copy_(0, index, (x if base is None else base).index_select(0, index))
         return
-    src, dst = _host_view(x), _host_view(out)
-    below = src if base is None else _host_view(base)
+    base = x if base is None else base
+    if (cpu_kernels.fits(x, out, base, dtypes=None)
+            and cpu_kernels.copy_and_paste(x, perm, rows, out, base, boxes, hd, wd)):
+        return
+    src, dst, below = _host_view(x), _host_view(out), _host_view(base)
     source = perm.tolist()
+    if boxes is None:
+        for i in rows.tolist():
+            dst[i] = below[i]
+        return
+    region = [slice(None)] * (x.dim() - 1)
+    box_list = boxes.tolist()
     for i in rows.tolist():
-        dst[i] = below[i]
-        if boxes is not None:
-            region = _region(x.dim() - 1, hd - 1, wd - 1, boxes[i])
-            if region is not None:
-                dst[i][region] = src[source[i]][region]
+        to, frm = dst[i], below[i]
+        to[...] = frm
+        y1, y2, x1, x2 = box_list[i]
+        if y2 > y1 and x2 > x1:
+            region[hd - 1], region[wd - 1] = slice(y1, y2), slice(x1, x2)
+            index = tuple(region)
+            to[index] = src[source[i]][index]
 
 
 def blend_rows(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray, rows: np.ndarray, out: torch.Tensor) -> None:
-    """``out[i] = lam[i]*x[i] + (1-lam[i])*x[perm[i]]`` for ``i`` in ``rows``, a cache-sized chunk of
-    rows at a time: a float32 batch is written straight into ``out`` where the rows are
+    """``out[i] = lam[i]*x[i] + (1-lam[i])*x[perm[i]]`` for ``i`` in ``rows``.
+
+    Contiguous uint8 and float32 batches on CPU: one fused pass
+    (:func:`mixflow.mix.cpu_kernels.blend_rows`). Otherwise torch ops, a cache-sized chunk
+    of rows at a time: a float32 batch is written straight into ``out`` where the rows are
     consecutive; other dtypes go through chunk-sized float32 buffers, are rounded
     (integers) and cast back by :func:`_store_rows`."""
     if len(rows) == 0:
+        return
+    if cpu_kernels.fits(x, out):
+        cpu_kernels.blend_rows(x, perm, lam, rows, out)
         return
     step = max(1, CHUNK_ELEMS // max(1, x[0].numel()))
     chunk = (min(step, len(rows)), *x.shape[1:])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mixflow.mix.huge_pages import empty_like
+from mixflow.mix.buffer_pool import output_like
 from mixflow.mix.lam import apply_prob, per_mode
 from mixflow.mix.mask_ops import check_seg
 from mixflow.mix.mixed_batch import MixedBatch
@@ -103,7 +103,7 @@ def _paste_nearest_per_sample(x: torch.Tensor, perm: torch.Tensor, boxes: np.nda
                               src_cols: np.ndarray, hd: int) -> torch.Tensor:
     """CPU, nearest: the same source rows / columns, read sample by sample for the box only
     (numpy views), instead of resizing every partner to the full image and selecting."""
-    out = empty_like(x)
+    out = output_like(x)
     src, dst = x.detach().numpy(), out.numpy()
     for i, j in enumerate(perm.tolist()):
         dst[i] = src[i]
