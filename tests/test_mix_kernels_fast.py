@@ -302,3 +302,12 @@ def test_non_contiguous_batches_take_the_torch_path_with_the_same_result():
     assert torch.equal(blend(x, perm, lam), reference_blend(x, perm, lam))
     boxes = np.array([[1, 5, 0, 3]])
     assert torch.equal(paste_boxes(x, perm, boxes), reference_paste(x, perm, boxes, channels_last=True))
+
+
+def test_warm_up_loads_every_kernel_for_both_fused_dtypes():
+    cpu_kernels.warm_up()
+    for kernel in (cpu_kernels._blend_uint8, cpu_kernels._blend_float32, cpu_kernels._copy_and_paste,
+                   cpu_kernels._cycle_order):
+        assert kernel.signatures, f"{kernel.__name__} was not compiled or loaded"
+    pasted = {str(sig[0]) for sig in cpu_kernels._copy_and_paste.signatures}
+    assert pasted == {"array(uint8, 1d, C)"}, "every dtype pastes through one byte-level signature"

@@ -127,6 +127,10 @@ class ImagePipeline:
         master_addr, master_port = ray.get(self.trainers[0].address.remote())
         ray.get([t.setup.remote(master_addr, master_port, saved[r] if saved else None)
                  for r, t in enumerate(self.trainers)])
+        # Start-up ends when every stage is up: mixers and readers build their DALI pipelines and
+        # load the compiled mixing kernels in their constructors.
+        ray.get([a.placement.remote() for a in self.mixers + self.decoders]
+                + [ch.stats.remote() for ch in self.channels])
 
     def state_dict(self) -> dict:
         """The pipeline state: from the trainers while running, else as the last run left it."""

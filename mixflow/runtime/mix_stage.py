@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import torch
 
+from mixflow.mix import cpu_kernels
 from mixflow.mix.registry import build_mixer
 from mixflow.seeding import numpy_rng
 
@@ -27,6 +28,8 @@ class MixStage:
         self.seed = seed
         self.rank = rank
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            cpu_kernels.warm_up()  # JIT start-up belongs to actor start-up, not to the first batch
 
     def __call__(self, decoded: dict, epoch: int, step: int) -> dict:
         x = _tensor(decoded["images"]).to(self.device)
