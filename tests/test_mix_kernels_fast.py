@@ -307,7 +307,27 @@ def test_non_contiguous_batches_take_the_torch_path_with_the_same_result():
 def test_warm_up_loads_every_kernel_for_both_fused_dtypes():
     cpu_kernels.warm_up()
     for kernel in (cpu_kernels._blend_uint8, cpu_kernels._blend_float32, cpu_kernels._copy_and_paste,
-                   cpu_kernels._cycle_order):
+                   cpu_kernels._cycle_order, cpu_kernels._select):
         assert kernel.signatures, f"{kernel.__name__} was not compiled or loaded"
     pasted = {str(sig[0]) for sig in cpu_kernels._copy_and_paste.signatures}
     assert pasted == {"array(uint8, 1d, C)"}, "every dtype pastes through one byte-level signature"
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.int16, torch.bfloat16])
+@pytest.mark.parametrize("spatial", [(13,), (7, 9), (3, 4, 5)])
+@pytest.mark.parametrize("last", [True, False])
+@pytest.mark.parametrize("shared", [True, False])
+def test_memcpy_select_equals_torch_where(dtype, spatial, last, shared):
+    n, c = 5, 3
+    x = batch(dtype, (n, *spatial, c) if last else (n, c, *spatial))
+    perm = torch.tensor([4, 0, 1, 2, 3])
+    g = torch.Generator().manual_seed(7)
+    keep = torch.rand((1 if shared else n, *spatial), generator=g) < 0.5
+    keep.view(len(keep), -1)[:, :2] = True  # a run at the start, and all-True / all-False samples
+    if not shared:
+        keep[1], keep[2] = True, False
+    want = torch.where(keep.unsqueeze(-1) if last else keep.unsqueeze(1), x, x[perm])
+    layout = {1: ("NLC", "NCL"), 2: ("NHWC", "NCHW"), 3: ("NDHWC", "NCDHW")}[len(spatial)][0 if last else 1]
+    out = apply_mask(x, perm, keep, layout)
+    assert torch.equal(out, want)
+    assert out.data_ptr() != x.data_ptr()

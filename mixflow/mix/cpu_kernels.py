@@ -1,11 +1,11 @@
-"""Single-pass CPU loops for the mixing hot path (blend, box paste), compiled by numba.
+"""Single-pass CPU loops for the mixing hot path (blend, box paste, mask select), compiled by numba.
 
 Torch's CPU ops each make one pass over memory: an exact uint8 blend written as ops
 (cast, multiply, cast, multiply, add, round, cast) is seven passes over the batch and
 ran at a fifth of this machine's copy bandwidth. Here the whole per-element
 computation is one loop that LLVM vectorises, so the blend runs at memory speed. Box
-pastes copy each output row once, from the sample or its partner, without a Python
-call per sample or per band.
+pastes and binary-mask selects copy each output run once (memcpy), from the sample or
+its partner, without a Python call per sample or per run.
 
 numba compiles without fast-math: no fused multiply-add and no reassociation, so
 ``w*a + v*b`` is two rounded products and a rounded sum in float32, exactly what
@@ -103,6 +103,24 @@ def _copy_and_paste(src, below, partner, boxes, rows, dst, planes, height, row):
             _memcpy(dst, at + o, below, at + o, (height - y2) * row)
 
 
+@numba.njit(cache=True, nogil=True)
+def _select(src, partner, keep, rows, dst, positions, unit):  # pragma: no cover - compiled
+    # flat byte arrays of samples [positions, unit bytes]; keep [1 or B, positions]: each run
+    # of equal keep values is one memcpy from the sample (True) or its partner (False)
+    sample = positions * unit
+    for r in rows:
+        mask = keep[0] if keep.shape[0] == 1 else keep[r]
+        at, frm = r * sample, partner[r] * sample
+        k = 0
+        while k < positions:
+            own = mask[k]
+            end = k + 1
+            while end < positions and mask[end] == own:
+                end += 1
+            _memcpy(dst, at + k * unit, src, (at if own else frm) + k * unit, (end - k) * unit)
+            k = end
+
+
 def fits(x: torch.Tensor, *others: torch.Tensor, dtypes: tuple = FUSED_DTYPES) -> bool:
     """Whether these kernels can run on ``x`` and ``others``: CPU, contiguous, alike, one of ``dtypes``
     (``None``: any)."""
@@ -137,6 +155,18 @@ def copy_and_paste(x: torch.Tensor, perm: torch.Tensor, rows: np.ndarray, out: t
     return True
 
 
+def select_rows(x: torch.Tensor, perm: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> None:
+    """``out[i] = where(keep[i or 0], x[i], x[perm[i]])`` per spatial position for every sample of a
+    channels-last batch; ``keep`` is bool ``[1 or B, *S]``; ``x`` and ``out`` as :func:`fits` requires."""
+    n = len(x)
+    positions = keep[0].numel()
+    flat = [t.detach().reshape(-1).view(torch.uint8).numpy() for t in (x, out)]
+    mask = keep.detach().reshape(len(keep), positions).contiguous().numpy()
+    partner = np.ascontiguousarray(perm.numpy(), dtype=np.int64)
+    _select(flat[0], partner, mask, np.arange(n, dtype=np.int64), flat[1], positions,
+            x[0].numel() // positions * x.element_size())
+
+
 def blend_rows(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray, rows: np.ndarray, out: torch.Tensor) -> None:
     """``out[i] = float32(lam[i])*x[i] + (1-float32(lam[i]))*x[perm[i]]`` for ``i`` in ``rows``
     (uint8 rounded half-to-even); ``x`` and ``out`` as :func:`fits` requires."""
@@ -164,3 +194,5 @@ def warm_up() -> None:
         blend_rows(x, perm, np.array([0.5, 0.25]), rows, out)
         hd, wd = (1, 2) if x.dtype == torch.uint8 else (2, 3)
         copy_and_paste(x, perm, rows, out, x, np.array([[0, 2, 1, 3]] * 2), hd, wd)
+        if x.dtype == torch.uint8:
+            select_rows(x, perm, torch.ones(1, 4, 4, dtype=torch.bool), out)
