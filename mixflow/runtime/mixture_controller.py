@@ -16,18 +16,19 @@ mixture is limited to ``steps`` batches (Aioli's LearnParams sweeps), the step a
 them waits until the policy has published the next version; the last of them carries
 ``eval_after`` (a mixture of ``steps=0`` gives one empty step that only evaluates).
 
-Its state (policy, half-merged reports, trajectory) is written to ``state_path`` after
-every publication, and a restarted controller (Ray ``max_restarts``) reloads it, so the
-policy's state survives the actor's death.
+Every assignment and report is journaled under ``state_path``
+(:class:`~mixflow.runtime.state_journal.StateJournal`: a snapshot of the state — policy,
+half-merged reports, trajectory — plus the events since), and a restarted controller
+(Ray ``max_restarts``) reloads the snapshot and replays the events, so the policy's state
+survives the actor's death. A new controller (not a restart) starts a new journal from
+its checkpoint (``initial_state``) or from the policy's start.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ import ray
 
 from mixflow.mixture.feedback_merge import FeedbackMerger
 from mixflow.mixture.policy import Feedback, Mixture, MixturePolicy
+from mixflow.runtime.state_journal import StateJournal
 
 
 def mixture_message(mix: Mixture) -> dict[str, Any]:
@@ -56,7 +58,6 @@ class MixtureController:
 
         self.policy: MixturePolicy = build_policy(policy_name, num_domains, **policy_params)
         self.merger = FeedbackMerger(world_size)
-        self.state_path = Path(state_path) if state_path else None
         self.trajectory: list[dict[str, Any]] = []
         self.latencies_ms: list[float] = []
         self.stale_reports = 0
@@ -67,14 +68,33 @@ class MixtureController:
         # merged (then every rank has consumed it and no resume can ask for it again)
         self._assigned: dict[int, dict[str, Any]] = {}
         self._used: dict[int, int] = {}  # version -> steps assigned to it
+        self.journal = StateJournal(state_path) if state_path else None
+        if self.journal is not None and ray.get_runtime_context().was_current_actor_reconstructed:
+            self._replay(initial_state)  # a restart: where the dead controller left off
+            self.restored = True
+            return
         if initial_state is not None:
             self._load(initial_state)
             self.restored = True
-        elif self.state_path and self.state_path.exists():
-            self._load(json.loads(self.state_path.read_text()))
-            self.restored = True
         else:
             self._record(step=0)
+        if self.journal is not None:
+            self.journal.compact(self.state_dict())  # a new journal starts from this state
+
+    def _replay(self, initial_state: dict | None) -> None:
+        """The journal's snapshot (or the start state) and every event recorded after it."""
+        snapshot, events = self.journal.load()
+        if snapshot is not None:
+            self._load(snapshot)
+        elif initial_state is not None:
+            self._load(initial_state)
+        else:
+            self._record(step=0)
+        for event in events:
+            if event["op"] == "assign":
+                self._assign(event["step"])
+            else:
+                self._observe(event["rank"], event["kind"], event["message"])
 
     def _record(self, step: int) -> None:
         self.trajectory.append({"step": step, **mixture_message(self.policy.mixture())})
@@ -85,15 +105,19 @@ class MixtureController:
             async with self._changed:
                 await self._changed.wait_for(self._has_steps_left)
             if step not in self._assigned:  # another rank may have fixed it while we waited
-                mix = self.policy.mixture()
-                used = self._used.get(mix.version, 0)
-                self._used[mix.version] = used + 1
-                msg = mixture_message(mix)
-                msg["empty"] = mix.steps == 0
-                msg["eval_after"] = mix.eval_after and (mix.steps is not None and used + 1 >= mix.steps)
-                self._assigned[step] = msg
-                self._save()
+                self._assign(step)
+                self._journal({"op": "assign", "step": step})
         return self._assigned[step]
+
+    def _assign(self, step: int) -> None:
+        """Fix the current mixture as the one of global step ``step``."""
+        mix = self.policy.mixture()
+        used = self._used.get(mix.version, 0)
+        self._used[mix.version] = used + 1
+        msg = mixture_message(mix)
+        msg["empty"] = mix.steps == 0
+        msg["eval_after"] = mix.eval_after and (mix.steps is not None and used + 1 >= mix.steps)
+        self._assigned[step] = msg
 
     def _has_steps_left(self) -> bool:
         mix = self.policy.mixture()
@@ -101,9 +125,17 @@ class MixtureController:
 
     async def report(self, rank: int, kind: str, message: dict[str, Any]) -> bool:
         """One rank's ``train`` or ``eval`` report; True when it completed a step and the policy moved."""
+        changed = self._observe(rank, kind, message)
+        self._journal({"op": "report", "rank": rank, "kind": kind, "message": message})
+        if changed:
+            async with self._changed:
+                self._changed.notify_all()
+        return changed
+
+    def _observe(self, rank: int, kind: str, message: dict[str, Any]) -> bool:
+        """Merge the report; when it completes a step, the policy observes it (True if it moved)."""
         merged = self.merger.add(rank, kind, feedback_from(message))
         if merged is None:
-            self._save()
             return False
         self.merged_log.append({"kind": kind, "version": merged.version, "step": merged.step,
                                 "counts": None if merged.counts is None else merged.counts.tolist()})
@@ -117,10 +149,6 @@ class MixtureController:
         if changed:
             self._record(merged.step)
         self.latencies_ms.append((time.perf_counter() - start) * 1e3)
-        self._save()
-        if changed:
-            async with self._changed:
-                self._changed.notify_all()
         return changed
 
     def stats(self) -> dict[str, Any]:
@@ -150,12 +178,12 @@ class MixtureController:
         self._assigned = {int(k): v for k, v in state["assigned"].items()}
         self._used = {int(k): v for k, v in state["used"].items()}
 
-    def _save(self) -> None:
-        if self.state_path is None:
+    def _journal(self, event: dict[str, Any]) -> None:
+        if self.journal is None:
             return
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state_dict()))
-        os.replace(tmp, self.state_path)
+        self.journal.append(event)
+        if self.journal.should_compact():
+            self.journal.compact(self.state_dict())
 
     def pid(self) -> int:
         return os.getpid()

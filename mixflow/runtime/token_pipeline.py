@@ -149,8 +149,7 @@ class TokenPipeline:
         spec, t = self.spec, self.spec.trainer
         run_dir = spec.run_path
         run_dir.mkdir(parents=True, exist_ok=True)
-        state_path = run_dir / "controller_state.json"
-        state_path.unlink(missing_ok=True)
+        state_path = run_dir / "controller_state.json"  # a new controller starts a new journal there
         resume = self.resume_from
         params = dict(spec.mixture.params)
         if spec.mixture.floor:
