@@ -331,3 +331,47 @@ def test_memcpy_select_equals_torch_where(dtype, spatial, last, shared):
     out = apply_mask(x, perm, keep, layout)
     assert torch.equal(out, want)
     assert out.data_ptr() != x.data_ptr()
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_boxes_outside_the_image_are_refused_on_every_path(contiguous):
+    x = batch(torch.uint8, (4, 10, 12, 3)) if contiguous else batch(torch.uint8, (4, 10, 24, 3))[:, :, ::2]
+    assert x.shape == (4, 10, 12, 3) and x.is_contiguous() == contiguous
+    perm = torch.tensor([1, 2, 3, 0])
+    for bad in ([0, 11, 0, 5], [-1, 4, 0, 5], [0, 4, 3, 13]):
+        with pytest.raises(ValueError, match=r"box 0 .* is outside the 10x12 image"):
+            paste_boxes(x, perm, np.array([bad]))
+    with pytest.raises(ValueError, match="outside the 10x12 image"):
+        blend_or_paste(x, perm, np.full(4, 0.5), np.array([[0, 2, 0, 2], [0, 2, 0, 2], [0, 2, 0, 2], [0, 2, 0, 20]]),
+                       np.array([False, False, False, True]))
+    empty_anywhere = np.array([[50, 40, 0, 5]])  # y2 <= y1: pastes nothing, wherever it is
+    assert torch.equal(paste_boxes(x, perm, empty_anywhere), x)
+
+
+def test_bad_partner_indices_or_lam_never_reach_the_kernels():
+    x = batch(torch.uint8, (4, 6, 6, 3))
+    out = torch.empty_like(x)
+    rows = np.arange(4)
+    for perm in (torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 3, -1]), torch.tensor([1, 0])):
+        with pytest.raises(ValueError, match="perm must hold 4 partner indices"):
+            cpu_kernels.blend_rows(x, perm, np.full(4, 0.5), rows, out)
+        with pytest.raises(ValueError, match="perm must hold 4 partner indices"):
+            cpu_kernels.copy_and_paste(x, perm, rows, out, x, None, 1, 2)
+    with pytest.raises(ValueError, match="rows must be sample indices"):
+        cpu_kernels.blend_rows(x, torch.tensor([1, 2, 3, 0]), np.full(4, 0.5), np.array([0, 4]), out)
+    with pytest.raises(ValueError, match=r"lam must hold one weight per sample \(4\)"):
+        cpu_kernels.blend_rows(x, torch.tensor([1, 2, 3, 0]), np.full(3, 0.5), rows, out)
+
+
+def test_repeated_rows_and_mismatched_bases_and_autograd_inputs_are_handled():
+    partner = np.array([1, 2, 0], dtype=np.int64)
+    assert cpu_kernels._cycle_order(partner, np.array([0, 0, 1], dtype=np.int64)).tolist() == [0, 1]
+    x = batch(torch.uint8, (4, 8, 8, 3))
+    perm = torch.tensor([1, 2, 3, 0])
+    for base in (batch(torch.uint8, (2, 8, 8, 3)), batch(torch.uint8, (4, 4, 4, 3))):
+        with pytest.raises(ValueError, match=r"base must have the batch's shape \(4, 8, 8, 3\)"):
+            paste_boxes(x, perm, np.array([[0, 2, 0, 2]]), base=base)
+    tracked = batch(torch.float32, (4, 3, 8, 8)).requires_grad_()
+    assert not cpu_kernels.fits(tracked)
+    with pytest.raises(RuntimeError, match="automatic differentiation"):  # never silently detached
+        blend(tracked, perm, np.full(4, 0.5))

@@ -121,3 +121,44 @@ def test_bytes_written_grow_linearly_with_a_growing_state(tmp_path, monkeypatch)
     rewrite_every_time = sum(final * (i + 1) / n for i in range(n))  # ~ n * final / 2
     assert written["bytes"] < 5 * final
     assert written["bytes"] < rewrite_every_time / 100
+
+
+def test_a_complete_last_line_without_its_newline_counts_as_torn(tmp_path):
+    path = tmp_path / "s.json"
+    j = StateJournal(path)
+    j.compact({})
+    j.append({"i": 0})
+    j.close()
+    with open(j.journal_path, "a") as f:
+        f.write(json.dumps({"seq": 2, "entry": {"i": 1}}))  # whole JSON, but the newline never made it
+    j2 = StateJournal(path)
+    assert j2.load() == ({}, [{"i": 0}])
+    j2.append({"i": 1})
+    j2.close()
+    assert StateJournal(path).load() == ({}, [{"i": 0}, {"i": 1}])
+
+
+def test_start_replaces_an_earlier_history_and_a_crash_inside_it_leaves_none(tmp_path):
+    path = tmp_path / "s.json"
+    old = StateJournal(path)
+    old.compact({"run": "old"})
+    old.append({"i": 0})
+    old.close()
+    new = StateJournal(path)
+    new.start({"run": "new"})
+    new.append({"i": 9})
+    new.close()
+    assert StateJournal(path).load() == ({"run": "new"}, [{"i": 9}])
+    StateJournal(path).remove()  # what start() does before its snapshot: a crash here ...
+    assert not StateJournal(path).exists()
+    assert StateJournal(path).load() == (None, [])  # ... leaves nothing to resume, not the old run
+
+
+def test_an_entry_that_cannot_be_encoded_is_refused_before_any_effect(tmp_path):
+    with pytest.raises(TypeError):
+        StateJournal.encode({"extra": object()})
+    j = StateJournal(tmp_path / "s.json")
+    j.compact({})
+    j.append(StateJournal.encode({"i": 0}))
+    j.close()
+    assert StateJournal(tmp_path / "s.json").load() == ({}, [{"i": 0}])

@@ -71,7 +71,7 @@ class BufferPool:
             return empty_like(x)
         key = (tuple(x.shape), x.dtype)
         with self._lock:
-            arrays = self.arrays.setdefault(key, [])
+            arrays = self.arrays.get(key, [])
             for k in range(len(arrays)):
                 if _refs(arrays, k) == IDLE_REFS:
                     self.reused += 1
@@ -80,21 +80,26 @@ class BufferPool:
             if self.nbytes + nbytes > self.max_bytes and not self._evict_idle(nbytes):
                 return out
             try:
-                arrays.append(out.numpy())
+                array = out.numpy()
             except TypeError:  # a dtype numpy lacks (bfloat16): not pooled
                 return out
+            self.arrays.setdefault(key, []).append(array)
             self.nbytes += nbytes
-            return torch.from_numpy(arrays[-1])
+            return torch.from_numpy(array)
 
     def _evict_idle(self, need: int) -> bool:
-        """Drop idle buffers of other shapes until ``need`` more bytes fit; whether they do."""
-        for arrays in self.arrays.values():
+        """Drop idle buffers (of other shapes: the caller found none idle of its own) until ``need``
+        more bytes fit; whether they do."""
+        for key in list(self.arrays):
+            arrays = self.arrays[key]
             k = 0
             while k < len(arrays) and self.nbytes + need > self.max_bytes:
                 if _refs(arrays, k) == IDLE_REFS:
                     self.nbytes -= arrays.pop(k).nbytes
                 else:
                     k += 1
+            if not arrays:
+                del self.arrays[key]
         return self.nbytes + need <= self.max_bytes
 
     def clear(self) -> None:

@@ -61,15 +61,15 @@ def _cycle_order(partner, rows):  # pragma: no cover - compiled
                 order[k] = i
                 k += 1
             i = partner[i]
-    return order
+    return order[:k]  # repeated rows appear once
 
 
 @intrinsic
 def _memcpy(typingctx, dst, dst_at, src, src_at, nbytes):
     """``dst[dst_at:dst_at+nbytes] = src[src_at:src_at+nbytes]`` for 1-d uint8 arrays, as one
     ``llvm.memcpy`` (libc's memcpy): numba's own slice copies run byte by byte."""
-    if not (isinstance(dst, types.Array) and isinstance(src, types.Array)):
-        return None
+    if not all(isinstance(a, types.Array) and a.ndim == 1 and a.dtype == types.uint8 for a in (dst, src)):
+        return None  # byte offsets into flat uint8 views only
     sig = types.void(dst, types.intp, src, types.intp, types.intp)
 
     def codegen(context, builder, signature, args):
@@ -104,11 +104,11 @@ def _copy_and_paste(src, below, partner, boxes, rows, dst, planes, height, row):
 
 
 @numba.njit(cache=True, nogil=True)
-def _select(src, partner, keep, rows, dst, positions, unit):  # pragma: no cover - compiled
+def _select(src, partner, keep, dst, positions, unit):  # pragma: no cover - compiled
     # flat byte arrays of samples [positions, unit bytes]; keep [1 or B, positions]: each run
     # of equal keep values is one memcpy from the sample (True) or its partner (False)
     sample = positions * unit
-    for r in rows:
+    for r in range(partner.shape[0]):
         mask = keep[0] if keep.shape[0] == 1 else keep[r]
         at, frm = r * sample, partner[r] * sample
         k = 0
@@ -121,26 +121,60 @@ def _select(src, partner, keep, rows, dst, positions, unit):  # pragma: no cover
             k = end
 
 
+def _indices(perm: torch.Tensor, rows: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``perm`` and ``rows`` as int64 arrays, checked: the kernels do not bounds-check, so an index
+    outside the batch would read or write outside it."""
+    partner = np.ascontiguousarray(perm.detach().cpu().numpy(), dtype=np.int64)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    if partner.shape != (n,) or (n and (partner.min() < 0 or partner.max() >= n)):
+        raise ValueError(f"perm must hold {n} partner indices in 0..{n - 1}, got shape {partner.shape}"
+                         + (f", values {partner.min()}..{partner.max()}" if partner.size else ""))
+    if len(rows) and (rows.min() < 0 or rows.max() >= n):
+        raise ValueError(f"rows must be sample indices in 0..{n - 1}, got {rows.min()}..{rows.max()}")
+    return partner, rows
+
+
+def check_boxes(boxes: np.ndarray, h: int, w: int) -> None:
+    """Every non-empty box ``(y1, y2, x1, x2)`` must lie inside the ``h`` x ``w`` image (an empty one,
+    ``y2 <= y1`` or ``x2 <= x1``, pastes nothing wherever it is)."""
+    boxes = np.asarray(boxes).reshape(-1, 4)
+    filled = (boxes[:, 1] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 2])
+    outside = filled & ((boxes[:, 0] < 0) | (boxes[:, 1] > h) | (boxes[:, 2] < 0) | (boxes[:, 3] > w))
+    if outside.any():
+        i = int(np.flatnonzero(outside)[0])
+        raise ValueError(f"box {i} (y1, y2, x1, x2) = {tuple(int(v) for v in boxes[i])} is outside the "
+                         f"{h}x{w} image; clip boxes to 0 <= y1 < y2 <= {h}, 0 <= x1 < x2 <= {w}")
+
+
 def fits(x: torch.Tensor, *others: torch.Tensor, dtypes: tuple = FUSED_DTYPES) -> bool:
-    """Whether these kernels can run on ``x`` and ``others``: CPU, contiguous, alike, one of ``dtypes``
-    (``None``: any)."""
-    return (x.device.type == "cpu" and (dtypes is None or x.dtype in dtypes) and x.is_contiguous()
-            and x.numel() > 0 and all(t.dtype == x.dtype and t.device == x.device and t.is_contiguous()
-                                      for t in others))
+    """Whether these kernels can run on ``x`` and ``others``: on CPU, contiguous, of one shape and
+    dtype (one of ``dtypes``; ``None``: any), not tracked by autograd (the kernels write
+    outside it; torch ops then keep the graph or refuse)."""
+    return (x.device.type == "cpu" and (dtypes is None or x.dtype in dtypes) and x.numel() > 0
+            and all(t.device == x.device and t.dtype == x.dtype and t.shape == x.shape and t.is_contiguous()
+                    and not t.requires_grad for t in (x, *others)))
+
+
+def _bytes(*tensors: torch.Tensor) -> list[np.ndarray]:
+    """Flat uint8 numpy views of contiguous CPU tensors (any dtype, bfloat16 included)."""
+    return [t.detach().reshape(-1).view(torch.uint8).numpy() for t in tensors]
 
 
 def copy_and_paste(x: torch.Tensor, perm: torch.Tensor, rows: np.ndarray, out: torch.Tensor, base: torch.Tensor,
-                   boxes: np.ndarray | None, hd: int, wd: int) -> bool:
+                   boxes: np.ndarray | None, hd: int, wd: int) -> None:
     """For ``i`` in ``rows``: ``out[i] = base[i]`` outside box ``i`` (y1, y2, x1, x2 over dims
-    ``hd``/``wd``) and ``x[perm[i]]`` inside it, each byte written once with memcpy; any dtype.
-    Returns ``False`` (nothing done) for boxes in layouts other than a 4-dim NHWC or NCHW batch."""
+    ``hd``/``wd`` of a 4-dim NHWC or NCHW batch) and ``x[perm[i]]`` inside it, each byte written
+    once with memcpy; any dtype. Without boxes, whole samples of any shape are copied."""
     n = len(x)
     if boxes is None:  # whole samples
         planes, height, row, boxes = 1, 1, x[0].numel(), np.zeros((n, 4), np.int64)
     elif x.dim() != 4 or (hd, wd) not in ((1, 2), (2, 3)):
-        return False
+        raise ValueError(f"boxes need a 4-dim NHWC or NCHW batch, got shape {tuple(x.shape)} with "
+                         f"spatial dims {(hd, wd)}")
     else:
         boxes = np.array(boxes, dtype=np.int64).reshape(n, 4)
+        check_boxes(boxes, x.shape[hd], x.shape[wd])
+        boxes[(boxes[:, 1] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 2])] = 0  # empty: copies only
         if (hd, wd) == (1, 2):  # NHWC: a row is W*C elements, the box spans x1*C .. x2*C
             planes, height, row = 1, x.shape[1], x.shape[2] * x.shape[3]
             boxes[:, 2:] *= x.shape[3]
@@ -148,11 +182,9 @@ def copy_and_paste(x: torch.Tensor, perm: torch.Tensor, rows: np.ndarray, out: t
             planes, height, row = x.shape[1], x.shape[2], x.shape[3]
     size = x.element_size()
     boxes[:, 2:] *= size
-    flat = [t.detach().reshape(-1).view(torch.uint8).numpy() for t in (x, base, out)]
-    partner = np.ascontiguousarray(perm.numpy(), dtype=np.int64)
-    _copy_and_paste(flat[0], flat[1], partner, boxes, np.ascontiguousarray(rows, dtype=np.int64), flat[2],
-                    planes, height, row * size)
-    return True
+    partner, rows = _indices(perm, rows, n)
+    src, below, dst = _bytes(x, base, out)
+    _copy_and_paste(src, below, partner, boxes, rows, dst, planes, height, row * size)
 
 
 def select_rows(x: torch.Tensor, perm: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> None:
@@ -160,25 +192,28 @@ def select_rows(x: torch.Tensor, perm: torch.Tensor, keep: torch.Tensor, out: to
     channels-last batch; ``keep`` is bool ``[1 or B, *S]``; ``x`` and ``out`` as :func:`fits` requires."""
     n = len(x)
     positions = keep[0].numel()
-    flat = [t.detach().reshape(-1).view(torch.uint8).numpy() for t in (x, out)]
+    if len(keep) not in (1, n) or x[0].numel() % positions:
+        raise ValueError(f"keep of shape {tuple(keep.shape)} does not fit a batch of shape {tuple(x.shape)}")
+    partner, _ = _indices(perm, np.arange(0), n)
+    src, dst = _bytes(x, out)
     mask = keep.detach().reshape(len(keep), positions).contiguous().numpy()
-    partner = np.ascontiguousarray(perm.numpy(), dtype=np.int64)
-    _select(flat[0], partner, mask, np.arange(n, dtype=np.int64), flat[1], positions,
-            x[0].numel() // positions * x.element_size())
+    _select(src, partner, mask, dst, positions, x[0].numel() // positions * x.element_size())
 
 
 def blend_rows(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray, rows: np.ndarray, out: torch.Tensor) -> None:
     """``out[i] = float32(lam[i])*x[i] + (1-float32(lam[i]))*x[perm[i]]`` for ``i`` in ``rows``
     (uint8 rounded half-to-even); ``x`` and ``out`` as :func:`fits` requires."""
-    w = np.asarray(lam).astype(np.float32)
-    v = np.float32(1) - w
     n = len(x)
+    w = np.ascontiguousarray(lam, dtype=np.float32).reshape(-1)
+    if w.shape != (n,):
+        raise ValueError(f"lam must hold one weight per sample ({n}), got shape {np.shape(lam)}")
+    v = np.float32(1) - w
+    partner, rows = _indices(perm, rows, n)
     src, dst = x.detach().numpy().reshape(n, -1), out.detach().numpy().reshape(n, -1)
-    partner = np.ascontiguousarray(perm.numpy(), dtype=np.int64)
     kernel = _blend_uint8 if x.dtype == torch.uint8 else _blend_float32
     # Along the pairing's cycles, a sample's partner is the next sample's own input and is
     # still in cache when that sample is mixed (15% faster on a float32 batch here).
-    kernel(src, partner, w, v, _cycle_order(partner, np.ascontiguousarray(rows, dtype=np.int64)), dst)
+    kernel(src, partner, w, v, _cycle_order(partner, rows), dst)
 
 
 def warm_up() -> None:

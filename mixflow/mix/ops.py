@@ -72,7 +72,10 @@ def paste_boxes(x: torch.Tensor, perm: torch.Tensor, boxes: np.ndarray, layout: 
     """
     hd, wd = spatial_dims(x, layout)
     base = x if base is None else base
+    if base.shape != x.shape:
+        raise ValueError(f"base must have the batch's shape {tuple(x.shape)}, got {tuple(base.shape)}")
     boxes = per_sample_boxes(boxes, len(x))
+    cpu_kernels.check_boxes(boxes, x.shape[hd], x.shape[wd])
     if x.device.type != "cpu":
         if not np.all(boxes == boxes[0]):
             return paste_boxes_masked(x, perm, boxes, hd, wd, base)
@@ -95,6 +98,7 @@ def blend_or_paste(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray, boxes: 
     lam = np.asarray(lam, dtype=np.float64)
     cut = np.asarray(cut, dtype=bool)
     boxes = np.where(cut[:, None], per_sample_boxes(boxes, len(x)), 0)
+    cpu_kernels.check_boxes(boxes, x.shape[hd], x.shape[wd])
     mixed = ~cut & (lam != 1.0)
     if not mixed.any() and not np.any((boxes[:, 1] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 2])):
         return x
@@ -137,8 +141,8 @@ def copy_and_paste(x: torch.Tensor, perm: torch.Tensor, rows: np.ndarray, out: t
         out.index_copy_(0, index, (x if base is None else base).index_select(0, index))
         return
     base = x if base is None else base
-    if (cpu_kernels.fits(x, out, base, dtypes=None)
-            and cpu_kernels.copy_and_paste(x, perm, rows, out, base, boxes, hd, wd)):
+    if cpu_kernels.fits(x, out, base, dtypes=None):
+        cpu_kernels.copy_and_paste(x, perm, rows, out, base, boxes, hd, wd)
         return
     src, dst, below = _host_view(x), _host_view(out), _host_view(base)
     source = perm.tolist()

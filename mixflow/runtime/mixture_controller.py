@@ -72,6 +72,7 @@ class MixtureController:
         if self.journal is not None and ray.get_runtime_context().was_current_actor_reconstructed:
             self._replay(initial_state)  # a restart: where the dead controller left off
             self.restored = True
+            self.journal.compact(self.state_dict())
             return
         if initial_state is not None:
             self._load(initial_state)
@@ -79,7 +80,7 @@ class MixtureController:
         else:
             self._record(step=0)
         if self.journal is not None:
-            self.journal.compact(self.state_dict())  # a new journal starts from this state
+            self.journal.start(self.state_dict())  # a new history starts from this state
 
     def _replay(self, initial_state: dict | None) -> None:
         """The journal's snapshot (or the start state) and every event recorded after it."""
@@ -125,8 +126,9 @@ class MixtureController:
 
     async def report(self, rank: int, kind: str, message: dict[str, Any]) -> bool:
         """One rank's ``train`` or ``eval`` report; True when it completed a step and the policy moved."""
+        event = StateJournal.encode({"op": "report", "rank": rank, "kind": kind, "message": message})
         changed = self._observe(rank, kind, message)
-        self._journal({"op": "report", "rank": rank, "kind": kind, "message": message})
+        self._journal(event)
         if changed:
             async with self._changed:
                 self._changed.notify_all()
@@ -178,7 +180,7 @@ class MixtureController:
         self._assigned = {int(k): v for k, v in state["assigned"].items()}
         self._used = {int(k): v for k, v in state["used"].items()}
 
-    def _journal(self, event: dict[str, Any]) -> None:
+    def _journal(self, event: dict[str, Any] | str) -> None:
         if self.journal is None:
             return
         self.journal.append(event)

@@ -11,7 +11,8 @@ entries recorded after it, and the owner applies them again in order, so the own
 event handling must be a deterministic function of its state and the entry.
 Entries carry sequence numbers and the snapshot the last one it includes: a crash
 between writing a snapshot and emptying the journal replays nothing twice, and a line
-torn by a crash mid-write (only ever the last one) is dropped.
+torn by a crash mid-write (only ever the last one) is dropped. Appends are flushed to
+the OS (they survive the process); snapshots are fsynced.
 """
 
 from __future__ import annotations
@@ -37,7 +38,11 @@ class StateJournal:
         return self.path.exists() or self.journal_path.exists()
 
     def load(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-        """The last snapshot's state (``None`` if none was written) and the entries after it, in order."""
+        """The last snapshot's state (``None`` if none was written) and the entries after it, in order.
+
+        A last line without its newline was torn by a crash while it was written (its event
+        never completed): it is cut off the file, so that later entries follow a whole line.
+        """
         state, self.seq = None, 0
         if self.path.exists():
             text = self.path.read_text()
@@ -45,31 +50,40 @@ class StateJournal:
             state, self.seq = snapshot["state"], int(snapshot["seq"])
             self._snapshot_bytes = len(text)
         entries = []
+        self._journal_bytes = 0
         if self.journal_path.exists():
-            lines = self.journal_path.read_text().splitlines(keepends=True)
-            for i, line in enumerate(lines):
+            data = self.journal_path.read_bytes()
+            whole = data[:data.rfind(b"\n") + 1]
+            if len(whole) < len(data):
+                os.truncate(self.journal_path, len(whole))
+            for i, line in enumerate(whole.decode("utf-8").splitlines()):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
-                    if i == len(lines) - 1:  # torn by a crash while it was written: the event never
-                        self.journal_path.write_text("".join(lines[:i]))  # completed; later ones follow it
-                        break
                     raise ValueError(f"{self.journal_path}: line {i + 1} is not JSON") from None
-                self._journal_bytes += len(line)
                 if record["seq"] > self.seq:
                     if record["seq"] != self.seq + 1:
                         raise ValueError(f"{self.journal_path}: line {i + 1} has entry {record['seq']}, "
                                          f"expected {self.seq + 1} (entries are missing)")
                     entries.append(record["entry"])
                     self.seq = record["seq"]
+            self._journal_bytes = len(whole)
         return state, entries
 
-    def append(self, entry: dict[str, Any]) -> None:
-        """Record one event (flushed to the OS, so it survives the process)."""
+    @staticmethod
+    def encode(entry: dict[str, Any]) -> str:
+        """``entry`` as JSON; encode before changing state, so an entry that cannot be written is
+        refused before it has any effect."""
+        return json.dumps(entry)
+
+    def append(self, entry: dict[str, Any] | str) -> None:
+        """Record one event (an entry or its :meth:`encode`), flushed to the OS: it survives the
+        process (not a machine crash; snapshots are fsynced)."""
         if self._file is None:
             self._file = open(self.journal_path, "a", encoding="utf-8")  # noqa: SIM115 - kept open
+        encoded = entry if isinstance(entry, str) else self.encode(entry)
         self.seq += 1
-        line = json.dumps({"seq": self.seq, "entry": entry}) + "\n"
+        line = f'{{"seq": {self.seq}, "entry": {encoded}}}\n'
         self._file.write(line)
         self._file.flush()
         self._journal_bytes += len(line)
@@ -81,15 +95,44 @@ class StateJournal:
         """Write ``state`` (everything up to the last entry) as the snapshot, then empty the journal."""
         text = json.dumps({"seq": self.seq, "state": state})
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(text)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, self.path)
+        _fsync_dir(self.path.parent)
         self._snapshot_bytes = len(text)
         if self._file is not None:
             self._file.close()
         self._file = open(self.journal_path, "w", encoding="utf-8")  # noqa: SIM115 - kept open
         self._journal_bytes = 0
 
+    def start(self, state: dict[str, Any]) -> None:
+        """Begin a new history from ``state``: whatever an earlier owner left at this path is
+        removed first, so a crash at any point here never resumes the earlier history."""
+        self.remove()
+        self.compact(state)
+
+    def remove(self) -> None:
+        """Delete the snapshot and the journal (the journal first: a snapshot never outlives it
+        with entries missing)."""
+        self.close()
+        self.journal_path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
+        self.seq, self._snapshot_bytes, self._journal_bytes = 0, 0, 0
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported here (e.g. Windows): the rename itself is atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -29,6 +29,7 @@ from mixflow.errors import DataError, PipelineError
 from mixflow.runtime.channel import Channel
 from mixflow.runtime.lm_trainer_actor import LMTrainerRank
 from mixflow.runtime.mixture_controller import MixtureController
+from mixflow.runtime.state_journal import StateJournal
 from mixflow.runtime.progress import PipelineProgress
 from mixflow.runtime.ray_session import ensure_ray
 from mixflow.runtime.stage_failure import stop_stages, wait_for_stages
@@ -149,7 +150,8 @@ class TokenPipeline:
         spec, t = self.spec, self.spec.trainer
         run_dir = spec.run_path
         run_dir.mkdir(parents=True, exist_ok=True)
-        state_path = run_dir / "controller_state.json"  # a new controller starts a new journal there
+        state_path = run_dir / "controller_state.json"
+        StateJournal(state_path).remove()  # no earlier run's history for a restarted controller to resume
         resume = self.resume_from
         params = dict(spec.mixture.params)
         if spec.mixture.floor:
