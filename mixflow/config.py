@@ -285,6 +285,10 @@ MIX_SPECS: dict[str, type[BaseModel]] = {
 class ChannelSpec(_Strict):
     max_items: int = Field(4, ge=1, description="Batches queued per trainer rank.")
     max_bytes: int = Field(64 * 2**20, ge=1, description="Bytes queued per trainer rank (e.g. 64MiB).")
+    shared_memory: bool = Field(
+        True, description="Image batches for a trainer on its mixer's node go through shared-memory slots "
+                          "(max_items + 3 batches per rank in /dev/shm) instead of Ray's object store; a batch "
+                          "then stays valid until the trainer takes the next one.")
 
     _parse_size = field_validator("max_bytes", mode="before")(lambda v: parse_bytes(v))
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from mixflow.data.listing import dataset_keys, list_shards
+from mixflow.runtime.batch_ring import PREFIX, ring_dir
 from mixflow.runtime.image_pipeline import ImagePipeline
 from tests.conftest import make_spec
 
@@ -28,12 +29,17 @@ def test_every_key_reaches_exactly_one_rank_once(ray_session, digits_shards, tmp
 
 
 def test_same_seed_gives_identical_batches(ray_session, digits_shards, tmp_path):
+    """Also through either data plane: run 0 reads pixels from the shared-memory ring, run 1 from
+    Ray's object store; and the ring leaves no file behind."""
     runs = []
     for i in range(2):
-        spec = make_spec(digits_shards, tmp_path / str(i))
+        spec = make_spec(digits_shards, tmp_path / str(i), channel={"shared_memory": i == 0})
         pipe = ImagePipeline(spec, show_progress=False, record_digests=True)
-        pipe.run()
+        summary = pipe.run()
         runs.append(pipe.digests)
+        ring_steps = [r.shared_memory_steps for r in summary.ranks]
+        assert ring_steps == ([r.steps for r in summary.ranks] if i == 0 else [0, 0])
+        assert not list(ring_dir().glob(f"{PREFIX}{pipe.ring_tag}*"))
     assert runs[0].keys() == {0, 1}
     for rank in (0, 1):
         assert len(runs[0][rank]) > 10

@@ -32,6 +32,7 @@ from typing import Any
 import ray
 
 from mixflow.errors import PipelineError
+from mixflow.runtime.batch_ring import RingReader
 
 END = "end"
 BATCH = "batch"
@@ -149,7 +150,9 @@ class Channel:
 
 class ChannelReader:
     """Trainer-side end of a channel: yields batch dicts, one ``get`` kept in flight ahead.
-    Tickets are exchanged for their batch with ``holder.take(ticket)``.
+    Tickets are exchanged for their batch with ``holder.take(ticket)``; a batch the holder
+    keeps in its shared-memory ring (:mod:`mixflow.runtime.batch_ring`) is read in place,
+    so its ``x`` is valid until the next :meth:`get` (which hands the slot back).
 
     ``last`` is the batch most recently returned and ``end_info`` the payload of the
     last end marker: what the trainer has consumed, for its position in the stream.
@@ -158,6 +161,8 @@ class ChannelReader:
     def __init__(self, channel, holder=None):
         self.channel = channel
         self.holder = holder  # the producer that hands out ticketed batches (take(ticket)), if any
+        self.ring = RingReader(ray.get_runtime_context().get_node_id()) if holder is not None else None
+        self.ring_batches = 0  # batches read from the holder's shared-memory ring
         self._next = None
         self.wait_s = 0.0
         self.last: dict | None = None
@@ -179,7 +184,10 @@ class ChannelReader:
             if self.holder is None:
                 raise PipelineError(f"channel {self.channel} sent a ticket (position {batch.get('position')}), "
                                     "but this reader has no producer to take it from")
-            batch = ray.get(self.holder.take.remote(batch))
+            batch = ray.get(self.holder.take.remote(batch, self.ring.release_list(), self.ring.node_id))
+            if batch.get("ring"):  # in the holder's shared-memory ring: valid until the next get()
+                batch = {**batch, "x": self.ring.view(batch["ring"])}
+                self.ring_batches += 1
         self.last = batch
         self.wait_s += time.perf_counter() - start
         return batch

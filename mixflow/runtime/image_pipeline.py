@@ -20,7 +20,9 @@ nothing; the ledger of every epoch says so.
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from pathlib import Path
 
 import ray
@@ -31,6 +33,7 @@ from mixflow.data.bad_samples import BadSamplePolicy, SkipRecord, write_quaranti
 from mixflow.data.demo_sets import build_demo
 from mixflow.data.listing import ShardInfo, dataset_keys, list_shards
 from mixflow.decode.device import resolve_decode_device
+from mixflow.runtime.batch_ring import remove_rings
 from mixflow.runtime.channel import Channel
 from mixflow.runtime import image_checkpoint as ckpt
 from mixflow.runtime.decoder_actor import DecoderActor
@@ -83,6 +86,7 @@ class ImagePipeline:
         self.mixers: list = []
         self.channels: list = []
         self.trainers: list = []
+        self.ring_tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"  # names this pipeline's shared-memory rings
 
     def _gpus_in_cluster(self) -> bool:
         return ray.cluster_resources().get("GPU", 0) > 0
@@ -102,12 +106,13 @@ class ImagePipeline:
         self.channels = [Channel.options(**opts["channel"]).remote(f"r{r}", spec.channel.max_items,
                                                                    spec.channel.max_bytes) for r in range(ranks)]
         orders = ckpt.reader_orders(state, shards)
+        ring = self.ring_tag if spec.channel.shared_memory else None
         if k == 1 and spec.runtime.fuse_reader:  # each mixer decodes its rank's one reader itself
             self.decoders = []
             self.mixers = [MixerActor.options(**{"scheduling_strategy": "SPREAD", **gpu, **opts["mixer"]}).remote(
                 spec_json, r, [], self.channels[r], state["rank_states"][r]["position"],
                 reader={"shards": shards, "reader": r, "num_readers": ranks, "device": device,
-                        "first_epoch": state["epoch"], "epoch_orders": orders[r]})
+                        "first_epoch": state["epoch"], "epoch_orders": orders[r]}, ring_tag=ring)
                 for r in range(ranks)]
         else:
             self.decoders = [DecoderActor.options(**{"scheduling_strategy": "SPREAD", **gpu, **opts["decoder"]})
@@ -115,7 +120,7 @@ class ImagePipeline:
                              for reader in range(ranks * k)]
             self.mixers = [MixerActor.options(**opts["mixer"]).remote(
                 spec_json, r, self.decoders[r * k:(r + 1) * k], self.channels[r],
-                state["rank_states"][r]["position"]) for r in range(ranks)]
+                state["rank_states"][r]["position"], ring_tag=ring) for r in range(ranks)]
         context = {"cuts": state["cuts"], "skipped_before_cuts": state["skipped_before_cuts"]}
         self.trainers = [TrainerRank.options(**{"scheduling_strategy": "SPREAD", **opts["trainer"]}).remote(
             spec_json, r, ranks, self.channels[r], self.record_digests, {**state["rank_states"][r], **context},
@@ -153,6 +158,7 @@ class ImagePipeline:
     def _stop(self, reason: str | None = None) -> None:
         stop_stages(reason, self.channels, self.trainers, self.mixers + self.decoders)
         self.trainers, self.mixers, self.decoders, self.channels = [], [], [], []
+        remove_rings(self.ring_tag)  # rings of mixers killed before their trainer mapped them
 
     def _wait(self, refs: dict, progress: PipelineProgress, until_done: set) -> dict:
         """Wait for the refs in ``until_done``; any ref in ``refs`` that fails stops the pipeline."""
@@ -205,6 +211,7 @@ class ImagePipeline:
                         rs.steps += res["steps"]
                         rs.wait_s += res["wait_s"]
                         rs.wall_s += res["wall_s"]
+                        rs.shared_memory_steps += res["shared_memory_steps"]
                         if res["mean_loss"] is not None:
                             rs.epoch_loss.append(res["mean_loss"])
                     if stop_step is not None:

@@ -19,7 +19,8 @@ resume exactly there; batches in flight are simply produced again.
 Delivery: a mixed batch stays in the mixer's outbox and the channel gets a *ticket*
 (position, quarantine records, size, source request); the trainer takes the batch with
 the ticket (:meth:`MixerActor.take`), so it is serialised once, into an object the
-trainer owns.
+trainer owns. A trainer on the mixer's node reads the pixels from a shared-memory slot
+instead (:mod:`mixflow.runtime.batch_ring`): no object-store copy at all.
 
 Restarts: the actor is restartable and its ``run`` is retried; a restarted mixer
 asks the channel where the stream stands (``Channel.open``) and goes on from the
@@ -35,12 +36,14 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from collections import deque
 
 import ray
 
 from mixflow.config import PipelineSpec
 from mixflow.errors import PipelineError
+from mixflow.runtime.batch_ring import BatchRing
 from mixflow.runtime.channel import TICKET
 from mixflow.runtime.decoder_actor import reader_stage
 from mixflow.runtime.mix_stage import MixStage, batch_nbytes
@@ -58,9 +61,11 @@ def start_position(epoch: int, slots: int, step: int = 0, cursor: int = 0, start
 @ray.remote(num_cpus=0, max_concurrency=4, **RESTARTS)
 class MixerActor:
     def __init__(self, spec_json: str, rank: int, decoders: list, channel, start: dict, device: str = "cpu",
-                 reader: dict | None = None):
+                 reader: dict | None = None, ring_tag: str | None = None):
         """``decoders``: the rank's decoder actors; or none, with ``reader`` the arguments of
-        :func:`reader_stage` (after the spec) for the one reader this mixer runs itself."""
+        :func:`reader_stage` (after the spec) for the one reader this mixer runs itself.
+        ``ring_tag``: name mixed batches' shared-memory ring with it (:mod:`batch_ring`); ``None``:
+        no ring, every batch goes through the object store."""
         import torch
 
         torch.set_num_threads(1)
@@ -78,6 +83,9 @@ class MixerActor:
         self.prefetch = spec.runtime.prefetch
         self._put = None  # (outbox key, ref) of the channel put in flight
         self.outbox: dict[tuple[int, int], dict] = {}  # (epoch, step) -> mixed batch, until taken
+        self.ring_tag = ring_tag
+        self.ring: BatchRing | None = None  # created with the first batch (its size sets the slots')
+        self.ring_slots = spec.channel.max_items + 3  # queued + put in flight + being taken + held by the trainer
         self._reader_lock = threading.Lock()
         self.progress = {"epoch": None, "batches": 0, "samples": 0, "mix_s": 0.0, "put_wait_s": 0.0, "retries": 0,
                          "rebuilt": 0}
@@ -176,11 +184,12 @@ class MixerActor:
         stays in flight while the next batch is decoded and mixed; it is waited for before the
         next put, so the channel sees one put at a time, in order."""
         mixed = self._mix(decoded, position, skipped)
+        nbytes = batch_nbytes(mixed)
         key = (position["epoch"], position["step"])
-        self.outbox[key] = mixed
+        self.outbox[key] = self._into_ring(mixed)
         ticket = {TICKET: True, "source": source, "position": position, "skipped": skipped}
         self._flush()
-        self._put = (key, self.channel.put.remote(ticket, batch_nbytes(mixed), position))
+        self._put = (key, self.channel.put.remote(ticket, nbytes, position))
         p = self.progress
         p["batches"] += 1
         p["samples"] += len(mixed["keys"])
@@ -192,16 +201,44 @@ class MixerActor:
             start = time.perf_counter()
             key, ref = self._put
             if not ray.get(ref):  # a repeat the channel dropped: nobody will take it
-                self.outbox.pop(key, None)
+                dropped = self.outbox.pop(key, None)
+                if dropped is not None and dropped.get("ring"):
+                    self.ring.release(dropped["ring"]["slot"])
             self._put = None
             self.progress["put_wait_s"] += time.perf_counter() - start
 
-    def take(self, ticket: dict) -> dict:
+    def _into_ring(self, mixed: dict) -> dict:
+        """``mixed`` with its pixels moved into a free slot of this mixer's ring, when it has one."""
+        if self.ring_tag is None:
+            return mixed
+        if self.ring is None:
+            try:
+                self.ring = BatchRing(f"{self.ring_tag}-r{self.rank}", self.ring_slots, mixed["x"].nbytes,
+                                      ray.get_runtime_context().get_node_id())
+            except OSError as exc:  # no (or too little) shared memory: the object store it is
+                warnings.warn(f"mixer r{self.rank}: no shared-memory ring ({exc}); batches go through "
+                              "Ray's object store", RuntimeWarning)
+                self.ring_tag = None
+                return mixed
+        descriptor = self.ring.put(mixed["x"])
+        return mixed if descriptor is None else {**mixed, "x": None, "ring": descriptor}
+
+    def take(self, ticket: dict, release: list | None = None, node_id: str | None = None) -> dict:
         """The batch of ``ticket`` (the return value is owned by the caller, so it outlives this
         actor). A restarted mixer has lost its outbox: it rebuilds the batch from its source,
-        which gives the same batch (reader requests and mixes are pure functions of the seed)."""
+        which gives the same batch (reader requests and mixes are pure functions of the seed).
+
+        ``release``: the ring slots ``(path, slot)`` the caller is done with. A batch in this
+        mixer's ring is returned as its slot's descriptor to a caller on this node
+        (``node_id``), with its pixels to any other."""
+        for path, slot in release or ():
+            if self.ring is not None and path == str(self.ring.path):
+                self.ring.release(slot)
         position = ticket["position"]
         batch = self.outbox.pop((position["epoch"], position["step"]), None)
+        if batch is not None and batch.get("ring") and node_id != self.ring.node_id:
+            self.ring.release(batch["ring"]["slot"])
+            batch = {**batch, "x": self.ring.read(batch["ring"]), "ring": None}
         if batch is not None:
             return batch
         self.progress["rebuilt"] += 1

@@ -20,6 +20,7 @@ class RankSummary:
     wait_s: float = 0.0
     wall_s: float = 0.0
     epoch_loss: list[float] = field(default_factory=list)
+    shared_memory_steps: int = 0  # batches whose pixels came through the mixer's shared-memory ring
 
     @property
     def wait_fraction(self) -> float:

@@ -98,6 +98,7 @@ class TrainerRank:
             self.cuts, self.skipped_before_cuts = [], []
         d = self.spec.decode
         feed = Feed(self.reader, self.device, d.mean, d.std, to_float=self.model is not None)
+        ring_before = self.reader.ring_batches
         start = time.perf_counter()
         loss_sum, steps, digests, skipped = 0.0, 0, [], []
         stopped = (stop_at_step is not None and not self.position.get("done")
@@ -132,7 +133,7 @@ class TrainerRank:
         return {"rank": self.rank, "epoch": epoch, "keys": feed.keys, "samples": feed.samples, "steps": steps,
                 "mean_loss": loss_sum / steps if steps and self.model is not None else None,
                 "wait_s": feed.wait_s, "wall_s": time.perf_counter() - start, "digests": digests,
-                "skipped": skipped, "stopped": stopped}
+                "skipped": skipped, "stopped": stopped, "shared_memory_steps": self.reader.ring_batches - ring_before}
 
     def _step(self, batch) -> float:
         if isinstance(batch.plan, LayerPlan):  # manifold mixup: mix hidden states at the planned layer

@@ -75,12 +75,13 @@ class Feed(ReceivingFeed):
         with warnings.catch_warnings():  # object-store arrays are read-only; we never write into them
             warnings.simplefilter("ignore", UserWarning)
             x = torch.from_numpy(batch["x"]).to(self.device, non_blocking=True)
+            as_t = lambda k: torch.from_numpy(np.asarray(batch[k])).to(self.device)  # noqa: E731
+            labels = [as_t(k) for k in ("targets", "y_a", "y_b", "lam")]
+            perm = as_t("perm") if "perm" in batch else None
         if self.to_float and x.dtype == torch.uint8:
             x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std)
-        as_t = lambda k: torch.from_numpy(np.asarray(batch[k])).to(self.device)  # noqa: E731
-        return TorchBatch(x.contiguous(), as_t("targets"), as_t("y_a"), as_t("y_b"), as_t("lam"),
-                          list(batch["keys"]), int(batch["step"]),
-                          as_t("perm") if "perm" in batch else None, batch.get("plan"), batch.get("method", "none"))
+        return TorchBatch(x.contiguous(), *labels, list(batch["keys"]), int(batch["step"]), perm,
+                          batch.get("plan"), batch.get("method", "none"))
 
     def __iter__(self) -> Iterator[TorchBatch]:
         for batch in self._received():
