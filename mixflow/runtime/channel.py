@@ -18,7 +18,9 @@ a *ticket* (the image mixer): a small dict marked ``TICKET`` with the batch's po
 size and source, while the batch stays with its producer. The reader then takes the
 batch from the producer (``holder.take(ticket)``); the return value is owned by the
 reader, so the batch is copied into Ray's object store once, not once per hop, and
-survives its producer. A restarted producer has lost the batches its dead self held;
+survives its producer — or, for a reader on the producer's node, its pixels stay in
+the producer's shared-memory ring and are read in place (:mod:`mixflow.runtime.batch_ring`).
+A restarted producer has lost the batches its dead self held;
 it rebuilds them from their source on ``take``. Credit counts the ticketed batch's bytes.
 """
 
@@ -186,8 +188,13 @@ class ChannelReader:
                                     "but this reader has no producer to take it from")
             batch = ray.get(self.holder.take.remote(batch, self.ring.release_list(), self.ring.node_id))
             if batch.get("ring"):  # in the holder's shared-memory ring: valid until the next get()
-                batch = {**batch, "x": self.ring.view(batch["ring"])}
-                self.ring_batches += 1
+                try:
+                    x = self.ring.view(batch["ring"])
+                    self.ring_batches += 1
+                except OSError:  # not mappable from here after all: a copy of the slot we hold
+                    self.ring.hold(batch["ring"])
+                    x = ray.get(self.holder.ring_copy.remote(batch["ring"]))
+                batch = {**batch, "x": x}
         self.last = batch
         self.wait_s += time.perf_counter() - start
         return batch

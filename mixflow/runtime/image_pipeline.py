@@ -156,6 +156,8 @@ class ImagePipeline:
         return state
 
     def _stop(self, reason: str | None = None) -> None:
+        # Mixers on other nodes unlink their own rings (best effort: a dead mixer cannot answer).
+        ray.wait([m.close_ring.remote() for m in self.mixers], num_returns=len(self.mixers), timeout=2.0)
         stop_stages(reason, self.channels, self.trainers, self.mixers + self.decoders)
         self.trainers, self.mixers, self.decoders, self.channels = [], [], [], []
         remove_rings(self.ring_tag)  # rings of mixers killed before their trainer mapped them

@@ -84,11 +84,15 @@ class MixerActor:
         self._put = None  # (outbox key, ref) of the channel put in flight
         self.outbox: dict[tuple[int, int], dict] = {}  # (epoch, step) -> mixed batch, until taken
         self.ring_tag = ring_tag
-        self.ring: BatchRing | None = None  # created with the first batch (its size sets the slots')
-        self.ring_slots = spec.channel.max_items + 3  # queued + put in flight + being taken + held by the trainer
+        self.ring: BatchRing | None = None  # created with the first batch
+        height, width = spec.decode.size
+        self.ring_slot_bytes = spec.trainer.batch_size * height * width * 3 * (4 if spec.decode.normalize else 1)
+        # held by the trainer + fetched ahead by it + queued + put in flight + the new one
+        queued = min(spec.channel.max_items, max(1, spec.channel.max_bytes // self.ring_slot_bytes))
+        self.ring_slots = queued + 4
         self._reader_lock = threading.Lock()
         self.progress = {"epoch": None, "batches": 0, "samples": 0, "mix_s": 0.0, "put_wait_s": 0.0, "retries": 0,
-                         "rebuilt": 0}
+                         "rebuilt": 0, "ring_batches": 0, "ring_misses": 0}
 
     def run(self, last_epoch: int) -> int:
         """Produce from where the channel's stream stands through the end of ``last_epoch``;
@@ -213,7 +217,7 @@ class MixerActor:
             return mixed
         if self.ring is None:
             try:
-                self.ring = BatchRing(f"{self.ring_tag}-r{self.rank}", self.ring_slots, mixed["x"].nbytes,
+                self.ring = BatchRing(f"{self.ring_tag}-r{self.rank}", self.ring_slots, self.ring_slot_bytes,
                                       ray.get_runtime_context().get_node_id())
             except OSError as exc:  # no (or too little) shared memory: the object store it is
                 warnings.warn(f"mixer r{self.rank}: no shared-memory ring ({exc}); batches go through "
@@ -221,7 +225,21 @@ class MixerActor:
                 self.ring_tag = None
                 return mixed
         descriptor = self.ring.put(mixed["x"])
-        return mixed if descriptor is None else {**mixed, "x": None, "ring": descriptor}
+        if descriptor is None:
+            self.progress["ring_misses"] += 1
+            return mixed
+        self.progress["ring_batches"] += 1
+        return {**mixed, "x": None, "ring": descriptor}
+
+    def close_ring(self) -> None:
+        """No more ring batches; the ring's file goes (memory mapped by a trainer stays valid)."""
+        self.ring_tag = None
+        if self.ring is not None:
+            self.ring.close()
+
+    def ring_copy(self, descriptor: dict):
+        """A copy of a slot the caller holds but cannot map."""
+        return self.ring.read(descriptor)
 
     def take(self, ticket: dict, release: list | None = None, node_id: str | None = None) -> dict:
         """The batch of ``ticket`` (the return value is owned by the caller, so it outlives this
@@ -230,15 +248,17 @@ class MixerActor:
 
         ``release``: the ring slots ``(path, slot)`` the caller is done with. A batch in this
         mixer's ring is returned as its slot's descriptor to a caller on this node
-        (``node_id``), with its pixels to any other."""
+        (``node_id``), with its pixels to any other, and then the ring is turned off."""
         for path, slot in release or ():
             if self.ring is not None and path == str(self.ring.path):
                 self.ring.release(slot)
         position = ticket["position"]
         batch = self.outbox.pop((position["epoch"], position["step"]), None)
         if batch is not None and batch.get("ring") and node_id != self.ring.node_id:
+            x = self.ring.read(batch["ring"])  # before the slot is free for run() to refill
             self.ring.release(batch["ring"]["slot"])
-            batch = {**batch, "x": self.ring.read(batch["ring"]), "ring": None}
+            batch = {**batch, "x": x, "ring": None}
+            self.close_ring()  # the trainer is on another node: the ring only adds copies
         if batch is not None:
             return batch
         self.progress["rebuilt"] += 1

@@ -58,7 +58,9 @@ class Feed(ReceivingFeed):
     With ``to_float`` (default) uint8 ``[B, H, W, C]`` images are converted to float
     ``[B, C, H, W]`` scaled to [0, 1] and normalised by ``mean``/``std`` here, on the
     rank's device, so the channels carry a quarter of the bytes. ``to_float=False``
-    hands over the delivered tensor as it is.
+    (and a batch that arrives as float already) hands over the delivered tensor as it is:
+    on CPU, for a batch read from the mixer's shared-memory ring, it is a view of the
+    slot and valid only until the next batch is fetched (clone it to keep it longer).
     """
 
     def __init__(self, source: BatchSource, device: str | torch.device = "cpu",
