@@ -65,6 +65,8 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
+from benchmarks.timm_style import fast_collate_sample  # noqa: E402
+
 # The recipe every variant follows (DeiT / timm defaults).
 SCALE = (0.08, 1.0)
 RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -211,17 +213,9 @@ def timm_mix_uint8(images: np.ndarray, labels: np.ndarray, rng: np.random.Genera
     if use_cutmix:
         yl, yh, xl, xh = timm_rand_bbox(h, w, lam, rng)
         lam = 1.0 - (yh - yl) * (xh - xl) / float(h * w)  # correct_lam
+    box = (yl, yh, xl, xh) if use_cutmix else None
     for i in range(n):
-        j = n - 1 - i
-        if lam == 1.0:
-            out[i] = images[i]
-        elif use_cutmix:
-            out[i] = images[i]
-            out[i, yl:yh, xl:xh] = images[j, yl:yh, xl:xh]
-        else:
-            mixed = images[i].astype(np.float32) * lam + images[j].astype(np.float32) * (1.0 - lam)
-            np.rint(mixed, out=mixed)
-            out[i] = mixed.astype(np.uint8)
+        fast_collate_sample(out, images, i, n - 1 - i, lam, box)
     return out, timm_mixup_target(np.asarray(labels, np.int64), num_classes, lam)
 
 

@@ -85,6 +85,7 @@ from mixflow.mix import METHODS  # noqa: E402
 from mixflow.mix.cutmix import box_lam, cutmix_boxes  # noqa: E402
 from mixflow.mix.lam import beta_lam, per_mode  # noqa: E402
 from mixflow.mix.pairing import partner_index  # noqa: E402
+from benchmarks.timm_style import fast_collate_sample  # noqa: E402
 
 NUM_CLASSES = 1000
 MIXUP_ALPHA = 0.8
@@ -187,19 +188,9 @@ def _fast_collate(x: torch.Tensor, d: Draw, mode: str) -> torch.Tensor:
     dst = out.numpy()
     n = len(x)
     for i in range(n):
-        j = n - i - 1
         k = 0 if mode == "batch" else i
-        lam = float(d.lam[k])
-        if lam == 1.0:
-            dst[i] = src[i]
-        elif d.cut[k]:
-            y1, y2, x1, x2 = (int(v) for v in d.boxes[k])
-            dst[i] = src[i]
-            dst[i, y1:y2, x1:x2] = src[j, y1:y2, x1:x2]
-        else:
-            mixed = src[i].astype(np.float32) * lam + src[j].astype(np.float32) * (1 - lam)
-            np.rint(mixed, out=mixed)
-            dst[i] = mixed.astype(np.uint8)
+        box = tuple(int(v) for v in d.boxes[k]) if d.cut[k] else None
+        fast_collate_sample(dst, src, i, n - i - 1, float(d.lam[k]), box)
     return out
 
 
