@@ -173,8 +173,7 @@ def copy_and_paste(x: torch.Tensor, perm: torch.Tensor, rows: np.ndarray, out: t
                          f"spatial dims {(hd, wd)}")
     else:
         boxes = np.array(boxes, dtype=np.int64).reshape(n, 4)
-        check_boxes(boxes, x.shape[hd], x.shape[wd])
-        boxes[(boxes[:, 1] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 2])] = 0  # empty: copies only
+        check_boxes(boxes, x.shape[hd], x.shape[wd])  # empty boxes, wherever they are, copy only
         if (hd, wd) == (1, 2):  # NHWC: a row is W*C elements, the box spans x1*C .. x2*C
             planes, height, row = 1, x.shape[1], x.shape[2] * x.shape[3]
             boxes[:, 2:] *= x.shape[3]

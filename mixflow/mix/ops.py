@@ -147,19 +147,12 @@ def copy_and_paste(x: torch.Tensor, perm: torch.Tensor, rows: np.ndarray, out: t
     src, dst, below = _host_view(x), _host_view(out), _host_view(base)
     source = perm.tolist()
     if boxes is None:
-        for i in rows.tolist():
-            dst[i] = below[i]
-        return
-    region = [slice(None)] * (x.dim() - 1)
-    box_list = boxes.tolist()
+        boxes = np.zeros((len(x), 4), np.int64)
     for i in rows.tolist():
-        to, frm = dst[i], below[i]
-        to[...] = frm
-        y1, y2, x1, x2 = box_list[i]
-        if y2 > y1 and x2 > x1:
-            region[hd - 1], region[wd - 1] = slice(y1, y2), slice(x1, x2)
-            index = tuple(region)
-            to[index] = src[source[i]][index]
+        dst[i] = below[i]
+        region = _region(x.dim() - 1, hd - 1, wd - 1, boxes[i])
+        if region is not None:
+            dst[i][region] = src[source[i]][region]
 
 
 def blend_rows(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray, rows: np.ndarray, out: torch.Tensor) -> None:
