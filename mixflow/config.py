@@ -287,7 +287,7 @@ class ChannelSpec(_Strict):
     max_bytes: int = Field(64 * 2**20, ge=1, description="Bytes queued per trainer rank (e.g. 64MiB).")
     shared_memory: bool = Field(
         True, description="Image batches for a trainer on its mixer's node go through shared-memory slots "
-                          "(max_items + 3 batches per rank in /dev/shm) instead of Ray's object store; a batch "
+                          "(max_items + 4 batches per rank in /dev/shm, fewer when max_bytes queues fewer) instead of Ray's object store; a batch "
                           "then stays valid until the trainer takes the next one.")
 
     _parse_size = field_validator("max_bytes", mode="before")(lambda v: parse_bytes(v))
