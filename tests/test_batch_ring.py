@@ -22,24 +22,33 @@ def batch(seed: int, shape=(4, 8, 8, 3)) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
 
 
-def test_the_reader_sees_exactly_what_was_put_and_slots_come_back(shm):
+def test_the_reader_sees_exactly_what_was_put_and_frees_slots_through_shared_memory(shm):
     ring = BatchRing("t-r0", slots=2, slot_bytes=batch(0).nbytes, node_id="n1")
     reader = RingReader("n1")
     a, b = batch(1), batch(2)
     da, db = ring.put(a), ring.put(b)
-    assert da["slot"] != db["slot"]
+    assert da["slot"] != db["slot"] and ring.free == []
+    assert da["offset"] % 4096 == 0 and db["offset"] % 4096 == 0, "slots start on a page, after the flags"
     assert ring.put(batch(3)) is None, "no free slot: the caller sends the batch another way"
     va = reader.view(da)
     assert np.array_equal(va, a) and va.dtype == np.uint8 and va.shape == a.shape
     assert not os.path.exists(da["path"]), "mapped by both ends: the file name is gone"
     assert np.array_equal(reader.view(db), b)
-    assert reader.release_list() == [(da["path"], da["slot"]), (db["path"], db["slot"])]
-    assert reader.release_list() == []
-    ring.release(da["slot"])
-    ring.release(da["slot"])  # twice: still one free slot
+    assert ring.free == [], "held by the reader until it releases"
+    assert reader.release() == 2 and reader.release() == 0
+    assert ring.free == [0, 1], "the reader's release reaches the producer through the shared flags"
     dc = ring.put(batch(4))
-    assert dc["slot"] == da["slot"] and ring.put(batch(5)) is None
-    assert np.array_equal(reader.view(dc), batch(4)), "the reader's mapping sees the slot's new batch"
+    assert dc["slot"] == 0 and np.array_equal(reader.view(dc), batch(4)), "the slot's new batch"
+    ring.release(1)
+    ring.release(1)  # twice: still one free slot
+    assert ring.free == [1]
+
+
+def test_a_reader_on_another_node_does_not_map_the_ring(shm):
+    ring = BatchRing("t-r0", 2, 64, "n1")
+    with pytest.raises(OSError, match="on node n1, this reader on n2"):
+        RingReader("n2").view(ring.put(np.ones(8, np.uint8)))
+    assert ring.path.exists()
 
 
 def test_other_dtypes_shapes_and_a_batch_too_big_for_a_slot(shm):
@@ -58,6 +67,7 @@ def test_a_reader_maps_only_its_producers_latest_ring(shm):
     new = BatchRing("t-r0", 2, 64, "n1")  # the producer restarted
     reader.view(new.put(np.ones(8, np.uint8)))
     assert list(reader._maps) == [str(new.path)], "the restarted producer's old ring is let go"
+    assert reader.release() == 2 and new.free == [0, 1] and old.free == [1], "the old ring's slot is left"
 
 
 def test_no_room_or_no_shared_memory_fails_at_creation_and_leaves_no_file(shm, monkeypatch):
@@ -97,32 +107,33 @@ def bare_mixer(ring: BatchRing | None) -> MixerActor:
     return mixer
 
 
-def ticket(step: int) -> dict:
-    return {"position": {"epoch": 0, "step": step}, "source": None, "skipped": []}
+def ticket(step: int, carried: dict | None = None) -> dict:
+    t = {"position": {"epoch": 0, "step": step}, "source": None, "skipped": []}
+    return t if carried is None else {**t, "batch": carried}
 
 
-def test_take_hands_a_slot_to_a_reader_on_its_node_and_pixels_to_any_other(shm):
+def test_take_copies_a_ring_slot_for_a_reader_that_cannot_map_it_and_frees_the_slot(shm):
     ring = BatchRing("t-r0", 2, batch(0).nbytes, "here")
     mixer = bare_mixer(ring)
-    mixer.outbox[(0, 1)] = {"x": None, "ring": ring.put(batch(1)), "keys": ["a"]}
-    mixer.outbox[(0, 2)] = {"x": None, "ring": ring.put(batch(2)), "keys": ["b"]}
-    local = mixer.take(ticket(1), [], "here")
-    assert local["x"] is None and local["ring"]["slot"] == 0 and ring.free == []
-    remote = mixer.take(ticket(2), [(local["ring"]["path"], 0)], "elsewhere")
-    assert np.array_equal(remote["x"], batch(2)) and remote["ring"] is None
-    assert sorted(ring.free) == [0, 1], "the released slot and the copied one"
+    same = mixer.take(ticket(1, {"x": None, "ring": ring.put(batch(1)), "keys": ["a"]}), "here")
+    assert np.array_equal(same["x"], batch(1)) and same["ring"] is None and same["keys"] == ["a"]
+    assert ring.free == [0, 1] and mixer.ring_tag == "t", "same node: the ring stays on"
+    remote = mixer.take(ticket(2, {"x": None, "ring": ring.put(batch(2)), "keys": ["b"]}), "elsewhere")
+    assert np.array_equal(remote["x"], batch(2)) and ring.free == [0, 1]
     assert mixer.ring_tag is None and not ring.path.exists(), "a reader elsewhere: the ring is turned off"
+    late = mixer.take(ticket(3, {"x": None, "ring": ring.put(batch(3)), "keys": ["c"]}), "elsewhere")
+    assert np.array_equal(late["x"], batch(3)), "tickets already queued still get their pixels"
 
 
-def test_releases_naming_another_ring_are_ignored_and_a_dropped_repeat_frees_its_slot(shm, monkeypatch):
+def test_a_ticket_of_another_ring_goes_to_the_outbox_and_a_dropped_repeat_frees_its_slot(shm, monkeypatch):
     ring = BatchRing("t-r0", 2, batch(0).nbytes, "here")
     mixer = bare_mixer(ring)
+    stale = {"x": None, "ring": {"path": "/dev/shm/mixflow-ring-old-r0-0", "slot": 0}, "keys": ["b"]}
+    mixer.outbox[(0, 2)] = {"x": batch(2), "keys": ["b"]}  # stands for the batch a restarted mixer rebuilds
+    out = mixer.take(ticket(2, stale), "here")
+    assert np.array_equal(out["x"], batch(2)) and (0, 2) not in mixer.outbox
     d = ring.put(batch(1))
-    mixer.outbox[(0, 1)] = {"x": None, "ring": d}
-    mixer.outbox[(0, 2)] = {"x": batch(2), "keys": ["b"]}  # no slot was free: by value
-    out = mixer.take(ticket(2), [("/dev/shm/mixflow-ring-old-r0-0", d["slot"])], "here")
-    assert np.array_equal(out["x"], batch(2)) and ring.free == [1]
     monkeypatch.setattr(mixer_actor.ray, "get", lambda ref: False)  # the channel dropped a repeated put
-    mixer._put, mixer.progress["put_wait_s"] = ((0, 1), object()), 0.0
+    mixer._put, mixer.progress["put_wait_s"] = ((0, 1), d["slot"], object()), 0.0
     mixer._flush()
-    assert sorted(ring.free) == [0, 1] and (0, 1) not in mixer.outbox
+    assert ring.free == [0, 1]

@@ -4,11 +4,16 @@ Through Ray's object store, each mixed batch is serialised into a fresh object w
 the trainer takes it and mapped again on the trainer's side. For a 64x224x224x3 batch
 that hop cost about a fifth of the image pipeline's throughput on the 2-core
 development machine. A ring is one file of fixed-size slots in ``/dev/shm`` that the
-mixer creates: it copies each mixed batch into a free slot, the batch it hands out
-carries the slot's descriptor instead of the pixels, and the trainer reads the pixels
-in place. The trainer hands a slot back when it takes its next batch
-(:meth:`RingReader.release_list`), so a slot's pixels are valid until the reader's next
-``get`` — the contract DALI's own output buffers have. One ring has one reader.
+mixer creates: it copies each mixed batch into a free slot, the ticket it sends carries
+the slot's descriptor (and the batch's small arrays) instead of the pixels, and the
+trainer reads the pixels in place, with no call to the mixer at all.
+
+Who owns a slot is a one-byte flag per slot at the head of the file (0 free, 1 taken):
+the mixer sets it when it fills a free slot; the one holder clears it when done — the
+trainer when it fetches its next batch (:meth:`RingReader.release`), so a slot's pixels
+are valid until the reader's next ``get`` (the contract DALI's own output buffers have),
+or the mixer for a slot nobody will read. Each transition has one writer, so no lock
+spans the two processes. One ring has one reader.
 
 A batch goes through the object store instead when the ring cannot serve it: no slot
 free, no ``/dev/shm`` or too little room in it (space is reserved up front, so a full
@@ -38,6 +43,15 @@ def ring_dir() -> Path:
     return Path("/dev/shm")
 
 
+FREE, TAKEN = 0, 1
+PAGE = 4096
+
+
+def whole_pages(nbytes: int) -> int:
+    """``nbytes`` rounded up to whole pages: the flags and every slot start on a page."""
+    return -(-nbytes // PAGE) * PAGE
+
+
 class BatchRing:
     """The producer's side: ``slots`` slots of ``slot_bytes`` each, in one shared file."""
 
@@ -50,25 +64,36 @@ class BatchRing:
         self.slots = slots
         self.slot_bytes = slot_bytes
         self.node_id = node_id
+        self.stride = whole_pages(slot_bytes)
+        size = whole_pages(slots) + slots * self.stride
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.posix_fallocate(fd, 0, slots * slot_bytes)  # ENOSPC here, not SIGBUS later
+            os.posix_fallocate(fd, 0, size)  # ENOSPC here, not SIGBUS later
         except OSError:
             os.close(fd)
             self.path.unlink(missing_ok=True)
             raise
         os.close(fd)
-        self.memory = np.memmap(self.path, dtype=np.uint8, mode="r+", shape=(slots * slot_bytes,))
-        self.free = list(range(slots))
-        self._lock = threading.Lock()  # the producer's thread puts while take() calls release
+        self.memory = np.memmap(self.path, dtype=np.uint8, mode="r+", shape=(size,))
+        self.flags = self.memory[:slots]  # FREE or TAKEN per slot, shared with the reader
+        self._lock = threading.Lock()  # the producer's thread puts while take() releases
+
+    @property
+    def free(self) -> list[int]:
+        """The slots free now (the reader frees its slots without telling this process)."""
+        return np.flatnonzero(self.flags == FREE).tolist()
 
     def put(self, array: np.ndarray) -> dict | None:
         """Copy ``array`` into a free slot: its descriptor, or ``None`` (no slot free, or too big)."""
+        if array.nbytes > self.slot_bytes:
+            return None
         with self._lock:
-            if not self.free or array.nbytes > self.slot_bytes:
+            free = np.flatnonzero(self.flags == FREE)
+            if not len(free):
                 return None
-            slot = self.free.pop(0)
-        start = slot * self.slot_bytes
+            slot = int(free[0])
+            self.flags[slot] = TAKEN
+        start = whole_pages(self.slots) + slot * self.stride
         np.copyto(self.memory[start:start + array.nbytes].view(array.dtype).reshape(array.shape), array)
         return {"path": str(self.path), "node_id": self.node_id, "slot": slot, "offset": start,
                 "shape": list(array.shape), "dtype": array.dtype.str}
@@ -78,9 +103,10 @@ class BatchRing:
         return np.array(_view(self.memory, descriptor))
 
     def release(self, slot: int) -> None:
+        """Free a slot that no reader holds (copied for it, or never handed out)."""
         with self._lock:
-            if 0 <= slot < self.slots and slot not in self.free:
-                self.free.append(slot)
+            if 0 <= slot < self.slots:
+                self.flags[slot] = FREE
 
     def close(self) -> None:
         """Remove the file's name (mappings stay valid); its memory is freed once nobody maps it."""
@@ -88,7 +114,7 @@ class BatchRing:
 
 
 class RingReader:
-    """The consumer's side: maps the rings its batches name, and remembers which slot to hand back."""
+    """The consumer's side: maps the rings its batches name, and frees the slots it is done with."""
 
     def __init__(self, node_id: str):
         self.node_id = node_id
@@ -96,24 +122,27 @@ class RingReader:
         self._held: list[tuple[str, int]] = []
 
     def view(self, descriptor: dict) -> np.ndarray:
-        """The slot's array, in place (valid until the slot is released); holds the slot.
+        """The slot's array, in place (valid until :meth:`release`); holds the slot.
         Raises ``OSError`` when the ring cannot be mapped here."""
         path = descriptor["path"]
+        if descriptor["node_id"] != self.node_id:
+            raise OSError(f"ring {path} is on node {descriptor['node_id']}, this reader on {self.node_id}")
         if path not in self._maps:
             mapping = np.memmap(path, dtype=np.uint8, mode="r+")
             self._maps = {path: mapping}  # a new ring replaces its restarted producer's old one
             Path(path).unlink(missing_ok=True)  # both ends have it mapped: the name is not needed
-        self.hold(descriptor)
+        self._held.append((path, descriptor["slot"]))
         return _view(self._maps[path], descriptor)
 
-    def hold(self, descriptor: dict) -> None:
-        """Count the slot as this reader's until the next :meth:`release_list`."""
-        self._held.append((descriptor["path"], descriptor["slot"]))
-
-    def release_list(self) -> list[tuple[str, int]]:
-        """The slots this reader holds (its previous batch's): to hand back with the next take."""
+    def release(self) -> int:
+        """Free the slots this reader holds (its previous batch's) for the producer to refill;
+        returns how many. A slot of a ring let go (its producer restarted) is left as it is."""
         held, self._held = self._held, []
-        return held
+        for path, slot in held:
+            mapping = self._maps.get(path)
+            if mapping is not None:
+                mapping[slot] = FREE
+        return len(held)
 
 
 def _view(memory: np.ndarray, d: dict) -> np.ndarray:

@@ -15,12 +15,12 @@ producer where the stream stands.
 
 What the channel queues: a batch by value (token producers), its ObjectRef in a list, or
 a *ticket* (the image mixer): a small dict marked ``TICKET`` with the batch's position,
-size and source, while the batch stays with its producer. The reader then takes the
-batch from the producer (``holder.take(ticket)``); the return value is owned by the
-reader, so the batch is copied into Ray's object store once, not once per hop, and
-survives its producer — or, for a reader on the producer's node, its pixels stay in
-the producer's shared-memory ring and are read in place (:mod:`mixflow.runtime.batch_ring`).
-A restarted producer has lost the batches its dead self held;
+size and source. Either the ticket carries the batch's small arrays and its pixels stay
+in a slot of the producer's shared-memory ring (:mod:`mixflow.runtime.batch_ring`),
+which a reader on the producer's node reads in place; or the batch stays with its
+producer and the reader takes it (``holder.take(ticket)``): the return value is owned by
+the reader, so the batch is copied into Ray's object store once, not once per hop, and
+survives its producer. A restarted producer has lost the batches its dead self held;
 it rebuilds them from their source on ``take``. Credit counts the ticketed batch's bytes.
 """
 
@@ -152,9 +152,9 @@ class Channel:
 
 class ChannelReader:
     """Trainer-side end of a channel: yields batch dicts, one ``get`` kept in flight ahead.
-    Tickets are exchanged for their batch with ``holder.take(ticket)``; a batch the holder
-    keeps in its shared-memory ring (:mod:`mixflow.runtime.batch_ring`) is read in place,
-    so its ``x`` is valid until the next :meth:`get` (which hands the slot back).
+    A ticket whose pixels are in the holder's shared-memory ring (:mod:`mixflow.runtime.batch_ring`)
+    is read in place, so its ``x`` is valid until the next :meth:`get` (which frees the slot);
+    any other ticket is exchanged for its batch with ``holder.take(ticket)``.
 
     ``last`` is the batch most recently returned and ``end_info`` the payload of the
     last end marker: what the trainer has consumed, for its position in the stream.
@@ -173,6 +173,8 @@ class ChannelReader:
     def get(self) -> dict | None:
         """The next batch of the epoch, or ``None`` at its end."""
         start = time.perf_counter()
+        if self.ring is not None:
+            self.ring.release()  # the previous batch's slot: its pixels are no longer used
         request = self._next if self._next is not None else self.channel.get.remote()
         kind, payload, _ = ray.get(request)
         if kind == END:
@@ -182,19 +184,25 @@ class ChannelReader:
             return None
         self._next = self.channel.get.remote()
         batch = ray.get(payload[0]) if isinstance(payload, list) else payload
-        if TICKET in batch:  # the batch itself comes from its holder, owned by this reader
-            if self.holder is None:
-                raise PipelineError(f"channel {self.channel} sent a ticket (position {batch.get('position')}), "
-                                    "but this reader has no producer to take it from")
-            batch = ray.get(self.holder.take.remote(batch, self.ring.release_list(), self.ring.node_id))
-            if batch.get("ring"):  # in the holder's shared-memory ring: valid until the next get()
-                try:
-                    x = self.ring.view(batch["ring"])
-                    self.ring_batches += 1
-                except OSError:  # not mappable from here after all: a copy of the slot we hold
-                    self.ring.hold(batch["ring"])
-                    x = ray.get(self.holder.ring_copy.remote(batch["ring"]))
-                batch = {**batch, "x": x}
+        if TICKET in batch:
+            batch = self._redeem(batch)
         self.last = batch
         self.wait_s += time.perf_counter() - start
         return batch
+
+    def _redeem(self, ticket: dict) -> dict:
+        """The batch of ``ticket``: read from the holder's ring in place when it is there and
+        mappable from here, else taken from the holder (a copy owned by this reader)."""
+        if self.holder is None:
+            raise PipelineError(f"channel {self.channel} sent a ticket (position {ticket.get('position')}), "
+                                "but this reader has no producer to take it from")
+        carried = ticket.get("batch")
+        if carried is not None:
+            try:
+                x = self.ring.view(carried["ring"])
+            except OSError:  # another node, or the ring is gone (its producer restarted)
+                pass
+            else:
+                self.ring_batches += 1
+                return {**carried, "x": x}
+        return ray.get(self.holder.take.remote(ticket, self.ring.node_id))

@@ -16,11 +16,14 @@ batch when it is due, which saves a process and one object-store copy per batch.
 sequence). A trainer that saves the position of the last batch it consumed can
 resume exactly there; batches in flight are simply produced again.
 
-Delivery: a mixed batch stays in the mixer's outbox and the channel gets a *ticket*
-(position, quarantine records, size, source request); the trainer takes the batch with
-the ticket (:meth:`MixerActor.take`), so it is serialised once, into an object the
-trainer owns. A trainer on the mixer's node reads the pixels from a shared-memory slot
-instead (:mod:`mixflow.runtime.batch_ring`): no object-store copy at all.
+Delivery: the channel gets a *ticket* (position, quarantine records, size, source
+request). Its pixels go into a slot of the mixer's shared-memory ring
+(:mod:`mixflow.runtime.batch_ring`) and the ticket carries the rest of the batch (keys,
+labels, plan: a few KB) with the slot's descriptor, so a trainer on the mixer's node
+reads the whole batch without calling the mixer or copying the pixels. A batch with no
+ring slot stays in the mixer's outbox, and the trainer takes it with the ticket
+(:meth:`MixerActor.take`), so it is serialised once, into an object the trainer owns;
+a trainer that cannot map the ring takes a copy of the slot the same way.
 
 Restarts: the actor is restartable and its ``run`` is retried; a restarted mixer
 asks the channel where the stream stands (``Channel.open``) and goes on from the
@@ -81,7 +84,7 @@ class MixerActor:
         self.channel = channel
         self.start = start
         self.prefetch = spec.runtime.prefetch
-        self._put = None  # (outbox key, ref) of the channel put in flight
+        self._put = None  # (outbox key, ring slot or None, ref) of the channel put in flight
         self.outbox: dict[tuple[int, int], dict] = {}  # (epoch, step) -> mixed batch, until taken
         self.ring_tag = ring_tag
         self.ring: BatchRing | None = None  # created with the first batch
@@ -190,10 +193,15 @@ class MixerActor:
         mixed = self._mix(decoded, position, skipped)
         nbytes = batch_nbytes(mixed)
         key = (position["epoch"], position["step"])
-        self.outbox[key] = self._into_ring(mixed)
         ticket = {TICKET: True, "source": source, "position": position, "skipped": skipped}
+        carried = self._into_ring(mixed)
+        if carried is None:
+            self.outbox[key] = mixed
+        else:
+            ticket["batch"] = carried
         self._flush()
-        self._put = (key, self.channel.put.remote(ticket, nbytes, position))
+        slot = carried["ring"]["slot"] if carried is not None else None
+        self._put = (key, slot, self.channel.put.remote(ticket, nbytes, position))
         p = self.progress
         p["batches"] += 1
         p["samples"] += len(mixed["keys"])
@@ -203,18 +211,19 @@ class MixerActor:
         """Wait for the put in flight, if any."""
         if self._put is not None:
             start = time.perf_counter()
-            key, ref = self._put
+            key, slot, ref = self._put
             if not ray.get(ref):  # a repeat the channel dropped: nobody will take it
-                dropped = self.outbox.pop(key, None)
-                if dropped is not None and dropped.get("ring"):
-                    self.ring.release(dropped["ring"]["slot"])
+                self.outbox.pop(key, None)
+                if slot is not None:
+                    self.ring.release(slot)
             self._put = None
             self.progress["put_wait_s"] += time.perf_counter() - start
 
-    def _into_ring(self, mixed: dict) -> dict:
-        """``mixed`` with its pixels moved into a free slot of this mixer's ring, when it has one."""
+    def _into_ring(self, mixed: dict) -> dict | None:
+        """``mixed`` with its pixels moved into a free slot of this mixer's ring (``x`` None,
+        ``ring`` the slot's descriptor); None when the ring has no slot for it."""
         if self.ring_tag is None:
-            return mixed
+            return None
         if self.ring is None:
             try:
                 self.ring = BatchRing(f"{self.ring_tag}-r{self.rank}", self.ring_slots, self.ring_slot_bytes,
@@ -223,11 +232,11 @@ class MixerActor:
                 warnings.warn(f"mixer r{self.rank}: no shared-memory ring ({exc}); batches go through "
                               "Ray's object store", RuntimeWarning)
                 self.ring_tag = None
-                return mixed
+                return None
         descriptor = self.ring.put(mixed["x"])
         if descriptor is None:
             self.progress["ring_misses"] += 1
-            return mixed
+            return None
         self.progress["ring_batches"] += 1
         return {**mixed, "x": None, "ring": descriptor}
 
@@ -237,28 +246,22 @@ class MixerActor:
         if self.ring is not None:
             self.ring.close()
 
-    def ring_copy(self, descriptor: dict):
-        """A copy of a slot the caller holds but cannot map."""
-        return self.ring.read(descriptor)
-
-    def take(self, ticket: dict, release: list | None = None, node_id: str | None = None) -> dict:
-        """The batch of ``ticket`` (the return value is owned by the caller, so it outlives this
-        actor). A restarted mixer has lost its outbox: it rebuilds the batch from its source,
-        which gives the same batch (reader requests and mixes are pure functions of the seed).
-
-        ``release``: the ring slots ``(path, slot)`` the caller is done with. A batch in this
-        mixer's ring is returned as its slot's descriptor to a caller on this node
-        (``node_id``), with its pixels to any other, and then the ring is turned off."""
-        for path, slot in release or ():
-            if self.ring is not None and path == str(self.ring.path):
-                self.ring.release(slot)
+    def take(self, ticket: dict, node_id: str | None = None) -> dict:
+        """The batch of ``ticket``, pixels included (the return value is owned by the caller, so it
+        outlives this actor). A ticket whose pixels are in this mixer's ring comes from a caller
+        that cannot map it: it gets a copy of the slot, the slot is freed, and the ring is turned
+        off when the caller is on another node (``node_id``), where the ring only adds copies.
+        A restarted mixer has lost its outbox and its ring: it rebuilds the batch from its source,
+        which gives the same batch (reader requests and mixes are pure functions of the seed)."""
         position = ticket["position"]
+        carried = ticket.get("batch")
+        if carried is not None and self.ring is not None and carried["ring"]["path"] == str(self.ring.path):
+            x = self.ring.read(carried["ring"])  # before the slot is free for run() to refill
+            self.ring.release(carried["ring"]["slot"])
+            if node_id != self.ring.node_id:
+                self.close_ring()
+            return {**carried, "x": x, "ring": None}
         batch = self.outbox.pop((position["epoch"], position["step"]), None)
-        if batch is not None and batch.get("ring") and node_id != self.ring.node_id:
-            x = self.ring.read(batch["ring"])  # before the slot is free for run() to refill
-            self.ring.release(batch["ring"]["slot"])
-            batch = {**batch, "x": x, "ring": None}
-            self.close_ring()  # the trainer is on another node: the ring only adds copies
         if batch is not None:
             return batch
         self.progress["rebuilt"] += 1
