@@ -36,7 +36,7 @@ compared on the medians, reported as PASS/MISS, never asserted.
 Usage::
 
     python benchmarks/image_pipeline.py [--samples 1024] [--batch-size 64] [--size 224]
-        [--epochs 1] [--rounds 3] [--only a,b,c,d] [--out DIR]
+        [--epochs 1] [--rounds 5] [--only a,b,c,d] [--out DIR]
 """
 
 from __future__ import annotations
@@ -705,8 +705,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--size", type=int, default=224, help="output image side")
     parser.add_argument("--epochs", type=int, default=1)
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="runs of each variant; the table reports the median round (default 3)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="runs of each variant; the table reports the median round (default 5)")
     parser.add_argument("--decode-threads", type=int, default=1, help="DALI threads per mixflow decoder actor")
     parser.add_argument("--only", default="a,b,c,d", help="comma-separated subset of a,b,c,d")
     parser.add_argument("--out", default=os.path.join(tempfile.gettempdir(), "mixflow-bench"),
