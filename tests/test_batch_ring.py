@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mixflow.runtime import batch_ring, mixer_actor
-from mixflow.runtime.batch_ring import BatchRing, RingReader, remove_rings
+from mixflow.runtime.batch_ring import BatchRing, RingReader, carry, remove_rings
 from mixflow.runtime.mixer_actor import MixerActor
 
 
@@ -67,7 +67,7 @@ def test_a_reader_maps_only_its_producers_latest_ring(shm):
     new = BatchRing("t-r0", 2, 64, "n1")  # the producer restarted
     reader.view(new.put(np.ones(8, np.uint8)))
     assert list(reader._maps) == [str(new.path)], "the restarted producer's old ring is let go"
-    assert reader.release() == 2 and new.free == [0, 1] and old.free == [1], "the old ring's slot is left"
+    assert reader.release() == 1 and new.free == [0, 1] and old.free == [1], "the old ring's slot is left"
 
 
 def test_no_room_or_no_shared_memory_fails_at_creation_and_leaves_no_file(shm, monkeypatch):
@@ -108,8 +108,8 @@ def bare_mixer(ring: BatchRing | None) -> MixerActor:
 
 
 def ticket(step: int, carried: dict | None = None) -> dict:
-    t = {"position": {"epoch": 0, "step": step}, "source": None, "skipped": []}
-    return t if carried is None else {**t, "batch": carried}
+    t = {"position": {"epoch": 0, "step": step}, "source": (1, (0, step, 0)), "skipped": []}
+    return t if carried is None else {**t, "batch": carry(carried)}
 
 
 def test_take_copies_a_ring_slot_for_a_reader_that_cannot_map_it_and_frees_the_slot(shm):
@@ -137,3 +137,18 @@ def test_a_ticket_of_another_ring_goes_to_the_outbox_and_a_dropped_repeat_frees_
     mixer._put, mixer.progress["put_wait_s"] = ((0, 1), d["slot"], object()), 0.0
     mixer._flush()
     assert ring.free == [0, 1]
+
+
+def test_a_restarted_mixer_rebuilds_a_ticket_of_its_dead_selfs_ring_from_the_source(shm):
+    dead = BatchRing("t-r0", 2, batch(0).nbytes, "here")
+    stale = ticket(3, {"x": None, "ring": dead.put(batch(9)), "keys": ["k"]})
+    ring = BatchRing("t-r0", 2, batch(0).nbytes, "here")  # the restarted mixer's own ring
+    mixer = bare_mixer(ring)
+    requests = []
+    mixer._request = lambda slot, request: None
+    mixer._fetch = lambda slot, request, ref: requests.append((slot, request)) or {"images": batch(3)}
+    mixer._mix = lambda decoded, position, skipped: {"x": decoded["images"], "position": position}
+    out = mixer.take(stale, "here")
+    assert requests == [(1, (0, 3, 0))], "the ticket's source request, sent again"
+    assert np.array_equal(out["x"], batch(3)) and out["position"] == {"epoch": 0, "step": 3}
+    assert mixer.progress["rebuilt"] == 1 and ring.free == [0, 1], "the new ring is not touched"

@@ -9,11 +9,12 @@ the slot's descriptor (and the batch's small arrays) instead of the pixels, and 
 trainer reads the pixels in place, with no call to the mixer at all.
 
 Who owns a slot is a one-byte flag per slot at the head of the file (0 free, 1 taken):
-the mixer sets it when it fills a free slot; the one holder clears it when done — the
-trainer when it fetches its next batch (:meth:`RingReader.release`), so a slot's pixels
-are valid until the reader's next ``get`` (the contract DALI's own output buffers have),
-or the mixer for a slot nobody will read. Each transition has one writer, so no lock
-spans the two processes. One ring has one reader.
+only the mixer takes a slot, and only a free one; the slot's one holder frees it when
+done — the trainer when it fetches its next batch (:meth:`RingReader.release`), so a
+slot's pixels are valid until the reader's next ``get`` (the contract DALI's own output
+buffers have), or the mixer for a slot no reader holds (copied for a reader that cannot
+map the ring, or a repeat the channel dropped). A slot has one holder at a time, so no
+lock spans the two processes. One ring has one reader.
 
 A batch goes through the object store instead when the ring cannot serve it: no slot
 free, no ``/dev/shm`` or too little room in it (space is reserved up front, so a full
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import glob
 import os
+import pickle
 import threading
 import uuid
 from pathlib import Path
@@ -136,19 +138,36 @@ class RingReader:
 
     def release(self) -> int:
         """Free the slots this reader holds (its previous batch's) for the producer to refill;
-        returns how many. A slot of a ring let go (its producer restarted) is left as it is."""
+        returns how many it freed. A slot of a ring let go (its producer restarted) is left.
+        The reads of the slot's pixels precede this store in program order, with a training step's
+        worth of lock operations (the GIL's, Ray's) between them: x86 keeps that order anyway; on
+        a weakly ordered CPU those locks' barriers are what keep it."""
         held, self._held = self._held, []
+        freed = 0
         for path, slot in held:
             mapping = self._maps.get(path)
             if mapping is not None:
                 mapping[slot] = FREE
-        return len(held)
+                freed += 1
+        return freed
 
 
 def _view(memory: np.ndarray, d: dict) -> np.ndarray:
     dtype = np.dtype(d["dtype"])
     nbytes = int(np.prod(d["shape"])) * dtype.itemsize
     return memory[d["offset"]:d["offset"] + nbytes].view(dtype).reshape(d["shape"])
+
+
+def carry(batch: dict) -> bytes:
+    """A ring batch as its ticket carries it: pickled, so that the channel passes it on without
+    unpacking (plans may hold torch objects; the channel actor does not import torch)."""
+    return pickle.dumps(batch, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def uncarry(ticket: dict) -> dict | None:
+    """The batch a ticket carries (its pixels in a ring slot), or None."""
+    carried = ticket.get("batch")
+    return None if carried is None else pickle.loads(carried)
 
 
 def remove_rings(tag: str) -> int:

@@ -20,8 +20,8 @@ in a slot of the producer's shared-memory ring (:mod:`mixflow.runtime.batch_ring
 which a reader on the producer's node reads in place; or the batch stays with its
 producer and the reader takes it (``holder.take(ticket)``): the return value is owned by
 the reader, so the batch is copied into Ray's object store once, not once per hop, and
-survives its producer. A restarted producer has lost the batches its dead self held;
-it rebuilds them from their source on ``take``. Credit counts the ticketed batch's bytes.
+survives its producer. A restarted producer has lost the batches its dead self held in
+its outbox; it rebuilds them from their source on ``take``. Credit counts the ticketed batch's bytes.
 """
 
 from __future__ import annotations
@@ -34,11 +34,11 @@ from typing import Any
 import ray
 
 from mixflow.errors import PipelineError
-from mixflow.runtime.batch_ring import RingReader
+from mixflow.runtime.batch_ring import RingReader, uncarry
 
 END = "end"
 BATCH = "batch"
-TICKET = "ticket"  # marks a ticket: the batch stays with its producer, which hands it out with take(ticket)
+TICKET = "ticket"  # marks a ticket: the batch rides with it (pixels in a ring slot) or stays with its producer
 
 
 # A threaded actor (an asyncio one cost ~70% more CPU per call on the 2-core machine). Waiting
@@ -203,7 +203,7 @@ class ChannelReader:
         if self.holder is None:
             raise PipelineError(f"channel {self.channel} sent a ticket (position {ticket.get('position')}), "
                                 "but this reader has no producer to take it from")
-        carried = ticket.get("batch")
+        carried = uncarry(ticket)
         if carried is not None:
             try:
                 x = self.ring.view(carried["ring"])

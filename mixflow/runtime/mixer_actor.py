@@ -19,17 +19,20 @@ resume exactly there; batches in flight are simply produced again.
 Delivery: the channel gets a *ticket* (position, quarantine records, size, source
 request). Its pixels go into a slot of the mixer's shared-memory ring
 (:mod:`mixflow.runtime.batch_ring`) and the ticket carries the rest of the batch (keys,
-labels, plan: a few KB) with the slot's descriptor, so a trainer on the mixer's node
-reads the whole batch without calling the mixer or copying the pixels. A batch with no
-ring slot stays in the mixer's outbox, and the trainer takes it with the ticket
-(:meth:`MixerActor.take`), so it is serialised once, into an object the trainer owns;
-a trainer that cannot map the ring takes a copy of the slot the same way.
+labels, plan), pickled (:func:`~mixflow.runtime.batch_ring.carry`, so the channel never unpacks torch objects), with
+the slot's descriptor: a trainer on the mixer's node reads the whole batch without
+calling the mixer or copying the pixels. A batch with no ring slot stays in the mixer's
+outbox, and the trainer takes it with the ticket (:meth:`MixerActor.take`), so it is
+serialised once, into an object the trainer owns; a trainer that cannot map the ring
+takes a copy of the slot the same way.
 
 Restarts: the actor is restartable and its ``run`` is retried; a restarted mixer
 asks the channel where the stream stands (``Channel.open``) and goes on from the
 batch after the last one the channel accepted, so nothing is lost or repeated.
-Tickets queued in the channel outlive the mixer: the restarted one rebuilds their
-batches from the source request on ``take`` (the same batch: reads and mixes are pure).
+Tickets queued in the channel outlive the mixer. Those of its ring are read from the ring
+by a trainer that still maps it (or can map it: its file is removed when the trainer maps
+it or the restarted mixer makes its own); for the others the restarted mixer rebuilds the
+batch from the source request on ``take`` (the same batch: reads and mixes are pure).
 A reader that dies mid-request is restarted by Ray and the request retried; a
 request whose result is lost with its node is sent again (requests name the batch).
 """
@@ -46,7 +49,7 @@ import ray
 
 from mixflow.config import PipelineSpec
 from mixflow.errors import PipelineError
-from mixflow.runtime.batch_ring import BatchRing
+from mixflow.runtime.batch_ring import BatchRing, carry, uncarry
 from mixflow.runtime.channel import TICKET
 from mixflow.runtime.decoder_actor import reader_stage
 from mixflow.runtime.mix_stage import MixStage, batch_nbytes
@@ -185,11 +188,12 @@ class MixerActor:
         return mixed
 
     def _push(self, decoded: dict, position: dict, skipped: list, source: tuple) -> None:
-        """Mix the batch, keep it in the outbox and send the channel its *ticket*: position,
-        quarantine records, size and where it came from (``source``: reader slot and request).
-        The trainer takes the batch from this actor with the ticket (:meth:`take`). The put
-        stays in flight while the next batch is decoded and mixed; it is waited for before the
-        next put, so the channel sees one put at a time, in order."""
+        """Mix the batch and send the channel its *ticket*: position, quarantine records, size
+        and where it came from (``source``: reader slot and request), plus the batch itself
+        when its pixels went into a ring slot; else the batch waits in the outbox for the
+        trainer to take it with the ticket (:meth:`take`). The put stays in flight while the
+        next batch is decoded and mixed; it is waited for before the next put, so the channel
+        sees one put at a time, in order."""
         mixed = self._mix(decoded, position, skipped)
         nbytes = batch_nbytes(mixed)
         key = (position["epoch"], position["step"])
@@ -198,7 +202,7 @@ class MixerActor:
         if carried is None:
             self.outbox[key] = mixed
         else:
-            ticket["batch"] = carried
+            ticket["batch"] = carry(carried)
         self._flush()
         slot = carried["ring"]["slot"] if carried is not None else None
         self._put = (key, slot, self.channel.put.remote(ticket, nbytes, position))
@@ -254,7 +258,7 @@ class MixerActor:
         A restarted mixer has lost its outbox and its ring: it rebuilds the batch from its source,
         which gives the same batch (reader requests and mixes are pure functions of the seed)."""
         position = ticket["position"]
-        carried = ticket.get("batch")
+        carried = uncarry(ticket)
         if carried is not None and self.ring is not None and carried["ring"]["path"] == str(self.ring.path):
             x = self.ring.read(carried["ring"])  # before the slot is free for run() to refill
             self.ring.release(carried["ring"]["slot"])
