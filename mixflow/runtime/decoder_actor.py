@@ -38,6 +38,7 @@ class DecoderActor:
         spec = PipelineSpec.model_validate_json(spec_json)
         self.stage = reader_stage(spec, shards, reader, num_readers, device, first_epoch, epoch_orders)
 
+    @ray.method(enable_task_events=False)  # per batch: see Channel
     def batch(self, epoch: int, index: int, start: int | None = None) -> dict | None:
         """Batch ``index`` of ``epoch`` (``None`` past the end); see :meth:`DecodeStage.batch`."""
         return self.stage.batch(epoch, index, start)
