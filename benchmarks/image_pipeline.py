@@ -26,12 +26,15 @@ Not timed: heavy imports (torch, nvidia.dali, ray.data), ``ray.init`` plus a
 warm-up of Ray's two pooled workers (done once, before the first Ray variant), and
 the start of (d)'s two consumer actors (they stand for trainer ranks, which exist
 before any data pipeline). ``1st batch s`` is the latency to the first delivered
-batch. Variants that do not use Ray ((b), (c)) run first, so that the torch
-workers are forked before Ray starts and Ray's daemons do not run beside them.
-Each variant runs ``--rounds`` times (rounds alternate between the variants of a
-group); the table reports the round with the median rate and lists every round's.
-Timings on a 2-core machine are noisy (single runs varied by +-20%): targets are
-compared on the medians, reported as PASS/MISS, never asserted.
+batch. (c) runs first, all its rounds, so that its torch workers are forked
+before Ray starts. Then Ray starts and (b), (a), (d) run round after round, so that
+every (a) round has a (b) round right before it: the host's speed drifts over minutes
+(other tenants' load, shown as ``steal %``, the share of CPU time the hypervisor
+took), and (a)/(b) compares rounds run under about the same conditions. Ray's idle
+daemons run beside (b) (a few % of one core). The table reports the round with the
+median rate and lists every round's. Timings on a 2-core machine are noisy (single
+runs varied by +-20%): targets are compared on the medians, reported as PASS/MISS,
+never asserted.
 
 Usage::
 
@@ -86,7 +89,8 @@ VARIANTS = {
     "d": "Ray Data + PIL + timm mix",
 }
 RAY_VARIANTS = ("a", "d")
-RUN_ORDER = ("b", "c", "a", "d")  # non-Ray variants first (see module docstring)
+FORKING_VARIANTS = ("c",)  # run before Ray starts (see module docstring)
+RUN_ORDER = ("c", "b", "a", "d")
 
 
 # --------------------------------------------------------------------------------------
@@ -509,11 +513,22 @@ class Result:
     first_batch_s: float | None = None
     per_consumer: list[int] | None = None
     note: str = ""
+    steal_pct: float | None = None  # CPU time the hypervisor took during the round, % of all CPUs
     round_rates: list[float] = field(default_factory=list)  # samples/s of every round
 
     @property
     def rate(self) -> float:
         return self.samples / self.seconds if self.status == "ok" and self.seconds > 0 else 0.0
+
+
+def host_steal_s() -> float | None:
+    """CPU seconds the hypervisor has taken from this machine since boot (Linux ``/proc/stat``), or None."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def _init_ray() -> bool:
@@ -589,6 +604,7 @@ def run_variant(name: str, fn: Callable[..., int] | None, shard_dir: Path, args,
             extra["actors"] = start_ray_data_consumers()  # trainer ranks: outside the timer
         t_wall = time.time()
         t0 = time.perf_counter()
+        steal0 = host_steal_s()
         if name == "a":
             summary = run_mixflow(str(shard_dir), args.batch_size, args.size, num_classes, args.epochs,
                                   args.decode_threads)
@@ -601,6 +617,9 @@ def run_variant(name: str, fn: Callable[..., int] | None, shard_dir: Path, args,
             result.samples = fn(shard_dir, args.batch_size, args.size, num_classes, args.epochs, consumers,
                                 **extra)
         result.seconds = summary.wall_s if name == "a" else time.perf_counter() - t0
+        steal1 = host_steal_s()
+        if steal0 is not None and steal1 is not None:
+            result.steal_pct = 100 * (steal1 - steal0) / ((time.perf_counter() - t0) * (os.cpu_count() or 1))
     except (NotImplementedError, ImportError) as exc:
         result.status, result.note = "skipped", f"{type(exc).__name__}: {exc}"
         print(f"({name}) skipped: {exc}")
@@ -622,7 +641,8 @@ def run_variant(name: str, fn: Callable[..., int] | None, shard_dir: Path, args,
     if name != "a":
         result.per_consumer = [c.samples for c in consumers]
         _check_keys(result, consumers, expected_keys, args.epochs)
-    print(f"({name}) {VARIANTS[name]}: {result.samples} samples in {result.seconds:.2f}s")
+    steal = f", host steal {result.steal_pct:.0f}%" if result.steal_pct is not None else ""
+    print(f"({name}) {VARIANTS[name]}: {result.samples} samples in {result.seconds:.2f}s{steal}")
     return result
 
 
@@ -646,7 +666,7 @@ def print_table(results: dict[str, Result], expected: int) -> None:
     base = results.get("b")
     base_rate = base.rate if base else 0.0
     header = ["variant", "samples", "seconds", "samples/s", "vs (b)", "rounds: samples/s", "1st batch s",
-              "per consumer", "note"]
+              "steal %", "per consumer", "note"]
     rows = []
     for name in VARIANTS:
         r = results.get(name)
@@ -654,13 +674,15 @@ def print_table(results: dict[str, Result], expected: int) -> None:
             continue
         label = f"({name}) {VARIANTS[name]}"
         if r.status != "ok":
-            rows.append([label, "-", "-", "-", "-", "-", "-", "-", f"{r.status}: {r.note.split(':')[0]}"])
+            rows.append([label, "-", "-", "-", "-", "-", "-", "-", "-", f"{r.status}: {r.note.split(':')[0]}"])
             continue
         ratio = f"{r.rate / base_rate:.2f}x" if base_rate else "-"
         spread = " ".join(f"{v:.0f}" for v in r.round_rates)
         per = "/".join(str(n) for n in r.per_consumer) if r.per_consumer else "-"
         first = f"{r.first_batch_s:.2f}" if r.first_batch_s is not None else "-"
-        rows.append([label, str(r.samples), f"{r.seconds:.2f}", f"{r.rate:.1f}", ratio, spread, first, per, r.note])
+        steal = f"{r.steal_pct:.0f}" if r.steal_pct is not None else "-"
+        rows.append([label, str(r.samples), f"{r.seconds:.2f}", f"{r.rate:.1f}", ratio, spread, first, steal, per,
+                     r.note])
     try:
         from rich.console import Console
         from rich.table import Table
@@ -668,10 +690,10 @@ def print_table(results: dict[str, Result], expected: int) -> None:
         table = Table(title=f"image pipeline: {expected} samples expected per variant; the round with "
                             f"the median rate of each variant")
         for i, h in enumerate(header):
-            table.add_column(h, justify="right" if 0 < i < 7 else "left")
+            table.add_column(h, justify="right" if 0 < i < 8 else "left")
         for row in rows:
             table.add_row(*row)
-        Console(width=None if sys.stdout.isatty() else 150).print(table)
+        Console(width=None if sys.stdout.isatty() else 170).print(table)
     except ImportError:
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
         for row in [header, *rows]:
@@ -732,11 +754,11 @@ def main(argv: list[str] | None = None) -> int:
     ray_ready = started_ray = False
     t_all = time.perf_counter()
     try:
-        # Round after round, the variants without Ray first (see the module docstring), then the Ray ones.
-        for group in ([n for n in rounds if n not in RAY_VARIANTS], [n for n in rounds if n in RAY_VARIANTS]):
+        # The forking variants' rounds before Ray starts, then the others round after round (module docstring).
+        for group in ([n for n in rounds if n in FORKING_VARIANTS], [n for n in rounds if n not in FORKING_VARIANTS]):
             for r in range(args.rounds):
                 for name in group:
-                    if name in RAY_VARIANTS and not ray_ready:
+                    if not ray_ready and set(group) & set(RAY_VARIANTS):
                         started_ray = _init_ray()  # shut down at the end only if we started it
                         ray_ready = True
                     print(f"round {r + 1}/{args.rounds}: ({name})")
