@@ -31,7 +31,9 @@ before Ray starts. Then Ray starts and (b), (a), (d) run round after round, so t
 every (a) round has a (b) round right before it: the host's speed drifts over minutes
 (other tenants' load, shown as ``steal %``, the share of CPU time the hypervisor
 took), and (a)/(b) compares rounds run under about the same conditions. Ray's idle
-daemons run beside (b) (a few % of one core). The table reports the round with the
+daemons run beside (b) (a few % of one core). Every round starts once the machine is
+idle (at most 15% busy over half a second; :func:`wait_for_quiet`), not while the
+previous round's processes still exit or Ray starts workers to replace them. The table reports the round with the
 median rate and lists every round's. Timings on a 2-core machine are noisy (single
 runs varied by +-20%): targets are compared on the medians, reported as PASS/MISS,
 never asserted.
@@ -521,6 +523,36 @@ class Result:
         return self.samples / self.seconds if self.status == "ok" and self.seconds > 0 else 0.0
 
 
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(busy, total) CPU ticks since boot from ``/proc/stat``, or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return sum(ticks) - idle, sum(ticks)
+
+
+def wait_for_quiet(max_busy: float = 0.15, window_s: float = 0.5, timeout_s: float = 20.0) -> float:
+    """Wait until the machine's CPUs are at most ``max_busy`` busy over ``window_s`` (at most
+    ``timeout_s``): a variant's round must not start while the previous one's processes still
+    exit, or Ray starts replacement workers. Returns the seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout_s:
+        before = _cpu_ticks()
+        time.sleep(window_s)
+        after = _cpu_ticks()
+        if before is None or after is None:
+            break
+        total = after[1] - before[1]
+        if total <= 0 or (after[0] - before[0]) / total <= max_busy:
+            break
+    else:
+        print(f"note: the machine stayed busier than {max_busy:.0%} for {timeout_s:.0f}s; round starts anyway")
+    return time.perf_counter() - start
+
+
 def host_steal_s() -> float | None:
     """CPU seconds the hypervisor has taken from this machine since boot (Linux ``/proc/stat``), or None."""
     try:
@@ -761,7 +793,8 @@ def main(argv: list[str] | None = None) -> int:
                     if not ray_ready and set(group) & set(RAY_VARIANTS):
                         started_ray = _init_ray()  # shut down at the end only if we started it
                         ray_ready = True
-                    print(f"round {r + 1}/{args.rounds}: ({name})")
+                    waited = wait_for_quiet()
+                    print(f"round {r + 1}/{args.rounds}: ({name}) after {waited:.1f}s waiting for an idle machine")
                     rounds[name].append(run_variant(name, fns[name], shard_dir, args, num_classes, expected_keys))
     finally:
         if started_ray:
