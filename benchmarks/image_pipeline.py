@@ -523,15 +523,19 @@ class Result:
         return self.samples / self.seconds if self.status == "ok" and self.seconds > 0 else 0.0
 
 
-def _cpu_ticks() -> tuple[int, int] | None:
-    """(busy, total) CPU ticks since boot from ``/proc/stat``, or None off Linux."""
+def _cpu_ticks() -> list[int] | None:
+    """The aggregate ``cpu`` line of ``/proc/stat``: ticks since boot per state (user, nice,
+    system, idle, iowait, irq, softirq, steal, ...), or None off Linux."""
     try:
         with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
+            return [int(v) for v in f.readline().split()[1:]]
     except (OSError, ValueError):
         return None
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-    return sum(ticks) - idle, sum(ticks)
+
+
+def _busy_and_total(ticks: list[int]) -> tuple[int, int]:
+    total = sum(ticks)
+    return total - ticks[3] - (ticks[4] if len(ticks) > 4 else 0), total  # not idle or iowait
 
 
 def wait_for_quiet(max_busy: float = 0.15, window_s: float = 0.5, timeout_s: float = 20.0) -> float:
@@ -545,8 +549,8 @@ def wait_for_quiet(max_busy: float = 0.15, window_s: float = 0.5, timeout_s: flo
         after = _cpu_ticks()
         if before is None or after is None:
             break
-        total = after[1] - before[1]
-        if total <= 0 or (after[0] - before[0]) / total <= max_busy:
+        (busy0, total0), (busy1, total1) = _busy_and_total(before), _busy_and_total(after)
+        if total1 <= total0 or (busy1 - busy0) / (total1 - total0) <= max_busy:
             break
     else:
         print(f"note: the machine stayed busier than {max_busy:.0%} for {timeout_s:.0f}s; round starts anyway")
@@ -555,12 +559,8 @@ def wait_for_quiet(max_busy: float = 0.15, window_s: float = 0.5, timeout_s: flo
 
 def host_steal_s() -> float | None:
     """CPU seconds the hypervisor has taken from this machine since boot (Linux ``/proc/stat``), or None."""
-    try:
-        with open("/proc/stat") as f:
-            fields = f.readline().split()
-        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, IndexError, ValueError):
-        return None
+    ticks = _cpu_ticks()
+    return ticks[7] / os.sysconf("SC_CLK_TCK") if ticks is not None and len(ticks) > 7 else None
 
 
 def _init_ray() -> bool:
