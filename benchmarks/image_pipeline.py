@@ -70,7 +70,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 if str(_ROOT) not in sys.path:
     sys.path.insert(0, str(_ROOT))
 
-from benchmarks.timm_style import fast_collate_sample  # noqa: E402
+from benchmarks.timm_style import fast_collate_output, fast_collate_sample  # noqa: E402
 
 # The recipe every variant follows (DeiT / timm defaults).
 SCALE = (0.08, 1.0)
@@ -215,14 +215,14 @@ def timm_mix_uint8(images: np.ndarray, labels: np.ndarray, rng: np.random.Genera
     """
     n, h, w = images.shape[:3]
     lam, use_cutmix = timm_mix_params(rng)
-    out = np.empty_like(images)
+    out = fast_collate_output(images)
     if use_cutmix:
         yl, yh, xl, xh = timm_rand_bbox(h, w, lam, rng)
         lam = 1.0 - (yh - yl) * (xh - xl) / float(h * w)  # correct_lam
     box = (yl, yh, xl, xh) if use_cutmix else None
     for i in range(n):
         fast_collate_sample(out, images, i, n - 1 - i, lam, box)
-    return out, timm_mixup_target(np.asarray(labels, np.int64), num_classes, lam)
+    return out.numpy(), timm_mixup_target(np.asarray(labels, np.int64), num_classes, lam)
 
 
 def touch(batch) -> int:
