@@ -67,7 +67,8 @@ class BatchRing:
         self.slot_bytes = slot_bytes
         self.node_id = node_id
         self.stride = whole_pages(slot_bytes)
-        size = whole_pages(slots) + slots * self.stride
+        self.first = whole_pages(slots)  # offset of slot 0, after the flags
+        size = self.first + slots * self.stride
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.posix_fallocate(fd, 0, size)  # ENOSPC here, not SIGBUS later
@@ -90,12 +91,12 @@ class BatchRing:
         if array.nbytes > self.slot_bytes:
             return None
         with self._lock:
-            free = np.flatnonzero(self.flags == FREE)
-            if not len(free):
+            free = self.free
+            if not free:
                 return None
-            slot = int(free[0])
+            slot = free[0]
             self.flags[slot] = TAKEN
-        start = whole_pages(self.slots) + slot * self.stride
+        start = self.first + slot * self.stride
         np.copyto(self.memory[start:start + array.nbytes].view(array.dtype).reshape(array.shape), array)
         return {"path": str(self.path), "node_id": self.node_id, "slot": slot, "offset": start,
                 "shape": list(array.shape), "dtype": array.dtype.str}
