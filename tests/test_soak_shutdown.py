@@ -57,12 +57,21 @@ def _living(pids) -> dict[int, str]:
     return {pid: procs[pid][2] for pid in pids if pid in procs and procs[pid][1] != "Z"}
 
 
-def _dead(handle) -> bool:
-    try:
-        ray.get(handle.__ray_call__.remote(lambda actor: None), timeout=10)
-    except ray.exceptions.RayActorError:
-        return True
-    return False
+def _dead(handle, timeout: float = 10.0) -> bool:
+    """Whether the actor is dead within ``timeout`` s. ``ray.kill`` returns before the kill reaches
+    the actor (it goes through the GCS and the raylet, while a call goes straight to the actor),
+    so a call right after a stop may still be served: ask again until the actor is gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            ray.get(handle.__ray_call__.remote(lambda actor: None), timeout=max(0.1, deadline - time.monotonic()))
+        except ray.exceptions.RayActorError:
+            return True
+        except ray.exceptions.GetTimeoutError:
+            return False
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
 
 
 def _wait_until(predicate, timeout: float, what: str) -> None:
