@@ -72,6 +72,8 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
 
 
 def _run_spec(spec, args: argparse.Namespace, console: Console) -> int:
+    if spec.trainer.entrypoint is not None:
+        return _run_entrypoint(spec, args, console)
     if spec.kind == "tokens" and (args.resume or args.stop_at):
         raise ConfigError([("--resume/--stop-at", "only image pipelines (kind: image) resume from the command line")])
     if spec.kind == "tokens":
@@ -94,6 +96,20 @@ def _run_spec(spec, args: argparse.Namespace, console: Console) -> int:
         console.print(f"stopped at epoch {args.stop_at[0]} step {args.stop_at[1]}; resume with "
                       f"--resume {spec.run_path / 'pipeline_state.json'}")
     return 0 if summary.exactly_once else 3
+
+
+def _run_entrypoint(spec, args: argparse.Namespace, console: Console) -> int:
+    """The spec's ``trainer.entrypoint`` on every rank (your loop keeps its own checkpoints)."""
+    from mixflow.runtime.entrypoint_rank import run_entrypoint
+
+    if args.resume or args.stop_at:
+        raise ConfigError([("--resume/--stop-at", "a trainer.entrypoint keeps its own checkpoints "
+                                                  "(feed.state_dict() / feed.load_state_dict())")])
+    console.print(f"running {spec.trainer.entrypoint} on {spec.trainer.ranks} rank(s)")
+    summary, _ = run_entrypoint(spec)
+    summary.render(console)
+    console.print(f"summary written to {spec.run_path / 'summary.json'}")
+    return 0 if getattr(summary, "exactly_once", True) else 3
 
 
 def _epoch_step(value: str) -> tuple[int, int]:

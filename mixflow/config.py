@@ -300,6 +300,16 @@ class RuntimeSpec(_Strict):
                           "one object-store hop less per batch). Ignored with more readers per rank.")
     prefetch: int = Field(2, ge=1, description="Decoded batches requested ahead by each mixer.")
     address: str | None = Field(None, description="Ray address; None starts an embedded local Ray.")
+    connect_timeout: float = Field(
+        600.0, gt=0, description="Seconds every rank has to connect its feed once the pipeline is up "
+                                 "(mixflow.start / serve); a rank that has not by then fails the pipeline, named.")
+
+
+def _check_entrypoint(value: str | None) -> str | None:
+    module, sep, function = (value or "").rpartition(":")
+    if value is not None and (not sep or not module or not function.isidentifier()):
+        raise ValueError(f"expected 'package.module:function' or 'path/to/file.py:function', got {value!r}")
+    return value
 
 
 class TrainerSpec(_Strict):
@@ -307,11 +317,16 @@ class TrainerSpec(_Strict):
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(64, ge=1, description="Samples per batch delivered to each rank.")
     model: Literal["digits_cnn", "none"] = Field("digits_cnn", description="'none' only iterates the feed.")
+    entrypoint: str | None = Field(
+        None, description="Your training function, 'package.module:function' or 'path/to/file.py:function': "
+                          "each rank actor calls it with (feed, context) instead of the built-in model.")
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     throttle: dict[int, float] = Field(
         default_factory=dict, description="Seconds of sleep per step by rank: simulates slow ranks (soak tests).")
+
+    _entrypoint = field_validator("entrypoint")(lambda v: _check_entrypoint(v))
 
 
 class PipelineSpec(_Strict):
@@ -333,6 +348,8 @@ class PipelineSpec(_Strict):
             if method in NON_IMAGE_METHODS:
                 raise ValueError(f"mix.method {method!r} mixes {NON_IMAGE_METHODS[method]}, not images; "
                                  f"the image pipeline takes: {', '.join(m for m in MIX_SPECS if m not in NON_IMAGE_METHODS)}")
+            if self.trainer.entrypoint is not None:
+                continue  # the user's model finishes model-side methods (mixflow.train.mix_label_helpers)
             if method in MODEL_SIDE_METHODS and self.trainer.model == "none":
                 raise ValueError(f"mix.method {method!r} finishes its mixing inside the model; "
                                  "trainer.model 'none' has no model")
@@ -487,6 +504,9 @@ class LMTrainerSpec(_Strict):
     batch_size: int = Field(16, ge=1, description="Sequences per rank per step.")
     model: Literal["byte_gpt", "unigram"] = Field(
         "byte_gpt", description="'unigram' counts bytes: real losses at almost no compute (data-plane benchmarks).")
+    entrypoint: str | None = Field(
+        None, description="Your training function, 'package.module:function' or 'path/to/file.py:function': "
+                          "each rank actor calls it with (feed, context) instead of the built-in model.")
     d_model: int = Field(128, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)
@@ -496,6 +516,8 @@ class LMTrainerSpec(_Strict):
         None, ge=0, description="Report <grad L_val, grad L_d> every N steps (TiKMiX, DoGE). "
                                 "None: every 5 steps when the policy uses them, else never.")
     throttle: dict[int, float] = Field(default_factory=dict, description="Seconds of sleep per step by rank.")
+
+    _entrypoint = field_validator("entrypoint")(lambda v: _check_entrypoint(v))
 
 
 class TokenPipelineSpec(_Strict):

@@ -41,3 +41,31 @@ class DataError(MixflowError):
 
 class PipelineError(MixflowError):
     """The running pipeline failed: an actor died, a rank stopped, a stage raised."""
+
+
+class FeedError(MixflowError):
+    """A trainer-side misuse of a running pipeline, named: which pipeline, which rank, what to do."""
+
+
+class PipelineNotFoundError(FeedError):
+    """No running pipeline has that name (in mixflow's Ray namespace)."""
+
+
+class WorldSizeError(FeedError):
+    """A feed asked for a world size (or rank) the pipeline was not started with."""
+
+
+class RankInUseError(FeedError):
+    """A second consumer for one rank while its first consumer is alive."""
+
+
+class EpochOrderError(FeedError):
+    """``feed.epoch(e)`` called out of order: epochs run one after another, each to its end."""
+
+
+class RankNotConnectedError(FeedError):
+    """A rank did not connect within the pipeline's ``runtime.connect_timeout``."""
+
+
+class FeedStateError(FeedError):
+    """A feed state that does not fit this pipeline or this rank."""

@@ -30,6 +30,19 @@ def digits_shards(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def text_domains(tmp_path_factory):
+    """Three real text domains from this machine, small."""
+    from mixflow.data.text_domains import machine_documents
+    from mixflow.data.token_shard_writer import write_domain_splits
+
+    root = tmp_path_factory.mktemp("text")
+    for name in ("python", "c_headers", "licenses"):
+        write_domain_splits(machine_documents(name, max_bytes=160 * 2**10), root, name, 0.15,
+                            max_bytes=64 * 2**10)
+    return root
+
+
 def make_spec(shards, tmp_path, **sections):
     """A small pipeline spec over ``shards``; ``sections`` override whole sections or fields."""
     from mixflow.config import validate_spec

@@ -8,19 +8,6 @@ import pytest
 from mixflow.config import validate_spec
 
 
-@pytest.fixture(scope="session")
-def text_domains(tmp_path_factory):
-    """Three real text domains from this machine, small."""
-    from mixflow.data.text_domains import machine_documents
-    from mixflow.data.token_shard_writer import write_domain_splits
-
-    root = tmp_path_factory.mktemp("text")
-    for name in ("python", "c_headers", "licenses"):
-        write_domain_splits(machine_documents(name, max_bytes=160 * 2**10), root, name, 0.15,
-                            max_bytes=64 * 2**10)
-    return root
-
-
 def token_spec(root, tmp_path, policy, params=None, steps=24):
     return validate_spec({
         "kind": "tokens", "name": "tok", "seed": 3, "run_dir": str(tmp_path / "run"),

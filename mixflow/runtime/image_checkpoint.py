@@ -53,11 +53,12 @@ def stream_fields(spec: PipelineSpec, shards: list[ShardInfo]) -> dict:
     }
 
 
-def _differences(saved, current, path: str) -> list[str]:
+def differences(saved, current, path: str = "") -> list[str]:
+    """Every leaf where ``saved`` and ``current`` differ, as ``path (state: ..., spec: ...)``."""
     if isinstance(saved, dict) and isinstance(current, dict):
         out = []
         for key in sorted(saved.keys() | current.keys()):
-            out += _differences(saved.get(key), current.get(key), f"{path}.{key}" if path else key)
+            out += differences(saved.get(key), current.get(key), f"{path}.{key}" if path else key)
         return out
     return [] if saved == current else [f"{path} (state: {saved!r}, spec: {current!r})"]
 
@@ -67,7 +68,7 @@ def check_resumable(state: dict, spec: PipelineSpec, shards: list[ShardInfo]) ->
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"resume_from: not an image pipeline state (format must be {FORMAT!r}, "
                          f"got {state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
-    diffs = _differences(state["stream"], stream_fields(spec, shards), "")
+    diffs = differences(state["stream"], stream_fields(spec, shards), "")
     if diffs:
         raise ValueError("resume_from: the state was saved with a different stream; differing fields: "
                          + "; ".join(diffs))

@@ -34,11 +34,9 @@ from mixflow.data.demo_sets import build_demo
 from mixflow.data.listing import ShardInfo, dataset_keys, list_shards
 from mixflow.decode.device import resolve_decode_device
 from mixflow.runtime.batch_ring import remove_rings
-from mixflow.runtime.channel import Channel
 from mixflow.runtime import image_checkpoint as ckpt
-from mixflow.runtime.decoder_actor import DecoderActor
 from mixflow.runtime.ledger import EpochLedger, check_epoch
-from mixflow.runtime.mixer_actor import MixerActor
+from mixflow.runtime.image_stages import start_image_stages
 from mixflow.runtime.progress import PipelineProgress
 from mixflow.runtime.ray_session import ensure_ray
 from mixflow.runtime.stage_failure import stop_stages, wait_for_stages
@@ -99,28 +97,11 @@ class ImagePipeline:
         return ckpt.elastic_state(self.resume_from, self.spec, shards)
 
     def _start_actors(self, shards: list[ShardInfo], device: str, state: dict) -> None:
-        spec, ranks, k = self.spec, self.spec.trainer.ranks, self.spec.runtime.readers_per_rank
+        spec, ranks = self.spec, self.spec.trainer.ranks
         spec_json = spec.model_dump_json()
         opts = self.actor_options
-        gpu = {"num_gpus": 0.1} if device == "gpu" else {}
-        self.channels = [Channel.options(**opts["channel"]).remote(f"r{r}", spec.channel.max_items,
-                                                                   spec.channel.max_bytes) for r in range(ranks)]
-        orders = ckpt.reader_orders(state, shards)
-        ring = self.ring_tag if spec.channel.shared_memory else None
-        if k == 1 and spec.runtime.fuse_reader:  # each mixer decodes its rank's one reader itself
-            self.decoders = []
-            self.mixers = [MixerActor.options(**{"scheduling_strategy": "SPREAD", **gpu, **opts["mixer"]}).remote(
-                spec_json, r, [], self.channels[r], state["rank_states"][r]["position"],
-                reader={"shards": shards, "reader": r, "num_readers": ranks, "device": device,
-                        "first_epoch": state["epoch"], "epoch_orders": orders[r]}, ring_tag=ring)
-                for r in range(ranks)]
-        else:
-            self.decoders = [DecoderActor.options(**{"scheduling_strategy": "SPREAD", **gpu, **opts["decoder"]})
-                             .remote(spec_json, shards, reader, ranks * k, device, state["epoch"], orders[reader])
-                             for reader in range(ranks * k)]
-            self.mixers = [MixerActor.options(**opts["mixer"]).remote(
-                spec_json, r, self.decoders[r * k:(r + 1) * k], self.channels[r],
-                state["rank_states"][r]["position"], ring_tag=ring) for r in range(ranks)]
+        stages = start_image_stages(spec, shards, device, state, self.ring_tag, opts)
+        self.channels, self.mixers, self.decoders = stages.channels, stages.mixers, stages.decoders
         context = {"cuts": state["cuts"], "skipped_before_cuts": state["skipped_before_cuts"]}
         self.trainers = [TrainerRank.options(**{"scheduling_strategy": "SPREAD", **opts["trainer"]}).remote(
             spec_json, r, ranks, self.channels[r], self.record_digests, {**state["rank_states"][r], **context},

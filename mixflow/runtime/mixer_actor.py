@@ -100,10 +100,11 @@ class MixerActor:
         self.progress = {"epoch": None, "batches": 0, "samples": 0, "mix_s": 0.0, "put_wait_s": 0.0, "retries": 0,
                          "rebuilt": 0, "ring_batches": 0, "ring_misses": 0}
 
-    def run(self, last_epoch: int) -> int:
-        """Produce from where the channel's stream stands through the end of ``last_epoch``;
-        returns the number of batches this call put."""
-        position = ray.get(self.channel.open.remote(self.start))
+    def run(self, last_epoch: int, start: dict | None = None) -> int:
+        """Produce from where the channel's stream stands (on a new channel: ``start``, else the
+        position given at construction) through the end of ``last_epoch``; returns the number of
+        batches this call put."""
+        position = ray.get(self.channel.open.remote(start or self.start))
         put_before = self.progress["batches"]
         for epoch in range(position["epoch"], last_epoch + 1):
             if epoch != position["epoch"]:

@@ -58,6 +58,8 @@ class MixtureController:
 
         self.policy: MixturePolicy = build_policy(policy_name, num_domains, **policy_params)
         self.merger = FeedbackMerger(world_size)
+        self.world_size = world_size
+        self._at_checkpoint: dict[int, set[int]] = {}  # step -> ranks waiting in checkpoint(step)
         self.trajectory: list[dict[str, Any]] = []
         self.latencies_ms: list[float] = []
         self.stale_reports = 0
@@ -152,6 +154,22 @@ class MixtureController:
             self._record(merged.step)
         self.latencies_ms.append((time.perf_counter() - start) * 1e3)
         return changed
+
+    async def checkpoint(self, rank: int, step: int, timeout_s: float) -> dict[str, Any] | None:
+        """Every rank calls this after its reports of global step ``step`` have arrived (a
+        collective, as torch.distributed checkpoints are); once all ranks are here, each gets the
+        same state: every report up to ``step`` merged, none after it. None when not every rank
+        came within ``timeout_s``."""
+        waiting = self._at_checkpoint.setdefault(step, set())
+        waiting.add(rank)
+        async with self._changed:
+            self._changed.notify_all()
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: len(waiting) >= self.world_size), timeout_s)
+            except asyncio.TimeoutError:
+                waiting.discard(rank)
+                return None
+        return self.state_dict()
 
     def stats(self) -> dict[str, Any]:
         lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)

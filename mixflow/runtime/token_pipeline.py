@@ -106,7 +106,8 @@ class TokenRunSummary:
 
     @property
     def mean_perplexity(self) -> float:
-        return float(np.mean(self.test_perplexity))
+        """NaN when the run measured no test loss (a user's own loop under ``mixflow.start``)."""
+        return float(np.mean(self.test_perplexity)) if self.test_loss else math.nan
 
     def to_json(self) -> dict:
         return {**asdict(self), "tokens_per_s": self.tokens_per_s, "test_perplexity": self.test_perplexity,
@@ -122,8 +123,9 @@ class TokenRunSummary:
                       f"(actors started in {self.startup_s:.1f} s)")
         table = Table("domain", "final p", "test loss", "test perplexity")
         final_p = self.trajectory[-1]["p"]
-        for name, p, loss, ppl in zip(self.domains, final_p, self.test_loss, self.test_perplexity):
-            table.add_row(name, f"{p:.3f}", f"{loss:.3f}", f"{ppl:.2f}")
+        losses = zip(self.test_loss, self.test_perplexity) if self.test_loss else [(None, None)] * len(final_p)
+        for name, p, (loss, ppl) in zip(self.domains, final_p, losses):
+            table.add_row(name, f"{p:.3f}", "-" if loss is None else f"{loss:.3f}", "-" if ppl is None else f"{ppl:.2f}")
         console.print(table)
         c = self.controller
         console.print(f"mixture versions: {c['version'] + 1}; controller update latency p50 {c['latency_ms_p50']:.2f} ms, "

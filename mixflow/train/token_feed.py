@@ -37,7 +37,15 @@ class TokenBatch:
 
     @property
     def empty(self) -> bool:
+        """No sequences: a step that only asks for an evaluation (``eval_after``)."""
         return self.tokens.shape[0] == 0
+
+    def per_domain(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean of per-sequence ``values [B]`` per domain (NaN for domains absent from the batch):
+        what ``feed.report(step, per_domain_loss=...)`` takes."""
+        from mixflow.train.byte_gpt import per_domain_mean
+
+        return per_domain_mean(values.detach().to(self.domains.device), self.domains, len(self.counts))
 
 
 def _array(values: Any) -> list[float] | None:
