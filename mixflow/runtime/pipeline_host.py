@@ -318,6 +318,11 @@ class PipelineHost:
             self._last_done = time.perf_counter()
         return {"ok": True}
 
+    def stages(self) -> dict:
+        """The data plane's actors by kind (for tools and tests that inspect or kill them)."""
+        return {"channels": list(self.channels), "producers": list(self.producers), "decoders": list(self.decoders),
+                "controller": self.controller}
+
     def failure(self) -> list[str] | None:
         return self._failure
 
