@@ -112,6 +112,48 @@ def _run_entrypoint(spec, args: argparse.Namespace, console: Console) -> int:
     return 0 if getattr(summary, "exactly_once", True) else 3
 
 
+def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
+    """Start a detached pipeline that ranks attach to by name. On a cluster (``--address`` or
+    ``RAY_ADDRESS``) the command returns once it is up; on the embedded local Ray it starts, it
+    stays in the foreground until ``mixflow stop NAME`` (or Ctrl-C, which stops the pipeline)."""
+    import time
+
+    import ray
+
+    from mixflow.runtime.pipeline_handle import running_pipelines, start
+
+    pipe = start(args.spec, args.name, overrides=args.set, address=args.address, detached=True)
+    address = ray.get_runtime_context().gcs_address
+    embedded = not (args.address or os.environ.get("RAY_ADDRESS") or pipe.spec.runtime.address)
+    console.print(f"pipeline [bold]{pipe.name}[/] ({pipe.kind}, {pipe.world_size} ranks, {pipe.epochs} epoch(s)) "
+                  f"is serving on Ray at {address}", highlight=False)
+    console.print(f"attach each rank:  RAY_ADDRESS={address} python your_train.py   # feed = mixflow.feed("
+                  f"{pipe.name!r}), rank from RANK/WORLD_SIZE (torchrun) or Ray Train", highlight=False, markup=False)
+    console.print(f"stop it:           mixflow stop {pipe.name} --address {address}", highlight=False, markup=False)
+    if not embedded:
+        return 0
+    console.print("(embedded Ray: serving until stopped)")
+    try:
+        while pipe.name in running_pipelines():
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        summary = pipe.close()
+        summary.render(console)
+        return 130
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace, console: Console) -> int:
+    """Stop a served pipeline and print its summary: the ledger verdict of every epoch."""
+    from mixflow.runtime.pipeline_handle import connect
+
+    pipe = connect(args.name, args.address)
+    summary = pipe.close()
+    summary.render(console)
+    console.print(f"summary written to {pipe.spec.run_path / 'summary.json'}")
+    return 0 if getattr(summary, "exactly_once", True) else 3
+
+
 def _epoch_step(value: str) -> tuple[int, int]:
     epoch, sep, step = value.partition(":")
     if not sep or not epoch.isdigit() or not step.isdigit():
@@ -184,6 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--stop-at", type=_epoch_step, metavar="EPOCH:STEP",
                      help="stop once every rank consumed STEP batches of EPOCH, saving the state and checkpoints")
     run.set_defaults(func=_cmd_run)
+    serve = sub.add_parser("serve", help="start a detached pipeline that your ranks attach to by name "
+                                         "(mixflow.feed(NAME), e.g. under torchrun)")
+    serve.add_argument("spec", help="path to a pipeline spec")
+    serve.add_argument("--name", help="the name ranks attach by (default: the spec's name)")
+    serve.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="override a spec field")
+    serve.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS; none: an embedded local Ray, "
+                                         "served in the foreground)")
+    serve.set_defaults(func=_cmd_serve)
+    stop = sub.add_parser("stop", help="stop a served pipeline and print its ledger verdict")
+    stop.add_argument("name", help="the pipeline's name")
+    stop.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS)")
+    stop.set_defaults(func=_cmd_stop)
     shards = sub.add_parser("shards", help="write WebDataset tar shards with DALI index files (images) "
                                            "or Parquet token shards (text)")
     source = shards.add_mutually_exclusive_group(required=True)
