@@ -449,12 +449,18 @@ class PipelineHost:
 
 
 def resolve_paths(raw: dict, base: Path) -> dict:
-    """``data.shards`` and ``run_dir`` made absolute against ``base`` (the driver's directory), so
-    actors started anywhere on the cluster read and write where the driver meant."""
+    """``data.shards``, ``run_dir`` and a file ``trainer.entrypoint`` made absolute against ``base``
+    (the driver's directory), so actors started anywhere on the cluster read, write and import
+    what the driver meant."""
     data = dict(raw.get("data", {}))
     if data.get("shards"):
         data["shards"] = str((base / data["shards"]).resolve())
     out = {**raw, "data": data}
+    trainer = dict(raw.get("trainer", {}))
+    module, sep, function = str(trainer.get("entrypoint") or "").rpartition(":")
+    if sep and module.endswith(".py"):
+        trainer["entrypoint"] = f"{(base / module).resolve()}:{function}"
+        out["trainer"] = trainer
     run_dir = raw.get("run_dir") or f"runs/{raw.get('name', 'run')}"
     out["run_dir"] = str((base / run_dir).resolve())
     return out

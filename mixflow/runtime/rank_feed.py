@@ -19,6 +19,7 @@ import os
 import socket
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,6 +55,14 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _release_quietly(host, rank: int, feed_id: str) -> None:
+    try:
+        if ray.is_initialized():
+            host.release.remote(rank, feed_id)
+    except Exception:  # noqa: BLE001 - at interpreter exit Ray may be gone; the lease lapses anyway
+        pass
+
+
 class RankFeed:
     """What both feeds share: the claim, the order of epochs, failures turned into named errors."""
 
@@ -73,6 +82,8 @@ class RankFeed:
         raise_refusal(ray.get(host.claim.remote(rank, world_size, self._id, self._lease, where)))
         self._begun: dict | None = None  # the channel (and holder/controller) once begun
         self._closed = False
+        # A feed dropped without close() (a notebook cell run again) lets its rank go as well.
+        self._release = weakref.finalize(self, _release_quietly, host, rank, self._id)
 
     def _name(self) -> str:
         return f"rank {self.rank} of pipeline {self.pipeline!r}"
@@ -117,6 +128,7 @@ class RankFeed:
         """Give the rank up (another feed may take it); the pipeline goes on."""
         if not self._closed:
             self._closed = True
+            self._release.detach()
             try:
                 ray.get(self.host.release.remote(self.rank, self._id), timeout=10)
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
