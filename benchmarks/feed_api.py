@@ -37,6 +37,13 @@ rate; the target, (a) >= 0.95x (b) on the medians, is reported as PASS/FAIL, nev
 ``shm steps``: batches whose pixels came through the mixer's shared-memory ring (of all steps);
 ``wait %``: the ranks' time blocked on their channel, of their streaming time.
 
+(a) and (b) do the same work per batch: with ``model: none`` a ``TrainerRank`` touches the uint8
+``[B, H, W, C]`` batch as delivered, and (a)'s feeds are taken with ``to_float=False``, which
+does the same. The target is (a) >= 0.95x (b). (f) is (a) with the feed's default, normalised
+float ``[B, C, H, W]`` as a training loop wants it (one pass per channel into a recycled buffer,
+``mixflow.train.feed.Feed``): that conversion is work (b) does not do, so (f) has no target; it
+shows what the conversion costs on this CPU-bound 2-core machine.
+
 Usage::
 
     python benchmarks/feed_api.py [--samples 1024] [--batch-size 64] [--size 224] [--epochs 2]
@@ -69,8 +76,10 @@ from benchmarks.image_pipeline import (host_steal_s, num_classes_of, prepare_sha
 RANKS = 2
 CPUS = 2
 TARGET = 0.95  # (a) must reach this many times (b)'s median samples/s
-VARIANTS = {"a": "public API (mixflow.start + 2 actor feeds)", "b": "built-in (ImagePipeline.run)"}
-RUN_ORDER = ("b", "a")  # within a round pair: (b) first, then (a)
+VARIANTS = {"a": "public API (mixflow.start + 2 actor feeds), uint8 as delivered",
+            "b": "built-in (ImagePipeline.run)",
+            "f": "public API, normalised float x (feed's default)"}
+RUN_ORDER = ("b", "a", "f")  # within a round: (b) first, then (a), then (f)
 DEFAULT_JSON = _ROOT / "benchmarks" / "results" / "feed_api.json"
 
 
@@ -101,10 +110,11 @@ def _consumer_class():
 
     @ray.remote(num_cpus=0)
     class FeedConsumer:
-        def __init__(self, pipeline: str, rank: int, world_size: int):
+        def __init__(self, pipeline: str, rank: int, world_size: int, to_float: bool):
             import mixflow
 
-            self.feed = mixflow.connect(pipeline, timeout=30).feed(rank=rank, world_size=world_size)
+            self.feed = mixflow.connect(pipeline, timeout=30).feed(rank=rank, world_size=world_size,
+                                                                   to_float=to_float)
 
         def ready(self) -> dict:
             import torch
@@ -128,8 +138,8 @@ def _consumer_class():
     return FeedConsumer
 
 
-def run_public_api(spec: dict) -> tuple:
-    """(a): start the data plane, two consumer actors claim a rank each, run, close.
+def run_public_api(spec: dict, to_float: bool = False) -> tuple:
+    """(a) / (f): start the data plane, two consumer actors claim a rank each, run, close.
     Returns ``(summary, consumer results, extra)``."""
     import ray
 
@@ -140,7 +150,7 @@ def run_public_api(spec: dict) -> tuple:
     consumers = []
     try:
         cls = _consumer_class()
-        consumers = [cls.remote(spec["name"], r, RANKS) for r in range(RANKS)]
+        consumers = [cls.remote(spec["name"], r, RANKS, to_float) for r in range(RANKS)]
         ready = ray.get([c.ready.remote() for c in consumers])  # up, with their ranks claimed
         startup_s = time.perf_counter() - t0
         results = ray.get([c.run.remote() for c in consumers])
@@ -206,7 +216,10 @@ def run_round(variant: str, index: int, shard_dir: Path, args, num_classes: int,
     name = f"feed-api-{variant}-{index}-{uuid.uuid4().hex[:6]}"
     spec = bench_spec(shard_dir, args.batch_size, args.size, num_classes, args.epochs, args.decode_threads, name)
     steal0, t0 = host_steal_s(), time.perf_counter()
-    summary, results, extra = (run_public_api if variant == "a" else run_builtin)(spec)
+    if variant == "b":
+        summary, results, extra = run_builtin(spec)
+    else:
+        summary, results, extra = run_public_api(spec, to_float=variant == "f")
     steal1, elapsed = host_steal_s(), time.perf_counter() - t0
     r = Round(variant, index, samples=summary.samples, wall_s=summary.wall_s, startup_s=extra["startup_s"],
               per_rank=[rs.samples for rs in summary.ranks], steps=sum(rs.steps for rs in summary.ranks),
@@ -216,7 +229,7 @@ def run_round(variant: str, index: int, shard_dir: Path, args, num_classes: int,
               consumers=extra.get("consumers", []))
     if steal0 is not None and steal1 is not None:
         r.steal_pct = 100 * (steal1 - steal0) / (elapsed * (os.cpu_count() or 1))
-    if variant == "a":
+    if variant != "b":
         r.consumer_window_s = extra["consumer_window_s"]
         r.consumer_rate = sum(x["samples"] for x in results) / r.consumer_window_s
     problems = []
@@ -264,7 +277,7 @@ def print_table(rounds: dict[str, list[Round]], expected: int) -> None:
             f"({v}) {VARIANTS[v]}", f"{m.rate:.1f}", f"{m.rate / base:.3f}x" if base else "-", f"{m.wall_s:.2f}",
             " ".join(f"{r.rate:.0f}" for r in rs),
             " ".join(f"{p:.2f}" for p in paired) if v == "a" else "-",
-            " ".join(f"{r.consumer_rate:.0f}" for r in rs) if v == "a" else "-",
+            " ".join(f"{r.consumer_rate:.0f}" for r in rs) if v != "b" else "-",
             f"{m.shared_memory_steps}/{m.steps}", f"{100 * m.wait_fraction:.0f}",
             f"{statistics.median(r.startup_s for r in rs):.1f}",
             f"{m.steal_pct:.0f}" if m.steal_pct is not None else "-"])

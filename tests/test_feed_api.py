@@ -381,3 +381,20 @@ def test_a_dead_stage_is_named_in_the_users_loop(ray_session, digits_shards, tmp
         list(feeds[1].epoch(0))  # every rank hears it, none hangs
     with pytest.raises(mixflow.PipelineError, match=r"mixer r0 died"):
         pipe.close()
+
+
+def test_feed_normalises_uint8_into_recycled_buffers_without_touching_kept_batches():
+    from mixflow.train.feed import Feed
+
+    feed = Feed(None)
+    g = torch.Generator().manual_seed(0)
+    first = torch.randint(0, 256, (64, 96, 96, 3), dtype=torch.uint8, generator=g)  # 7 MB of float: pooled
+    reference = first.permute(0, 3, 1, 2).float().div(255.0).sub(feed.mean).div(feed.std)
+    kept = feed._normalise(first)
+    assert kept.is_contiguous() and kept.shape == (64, 3, 96, 96)
+    assert torch.allclose(kept, reference, atol=1e-6, rtol=0)
+    second = feed._normalise(torch.zeros_like(first))
+    assert second.data_ptr() != kept.data_ptr() and torch.allclose(kept, reference, atol=1e-6, rtol=0)
+    pointer = second.data_ptr()
+    del second
+    assert feed._normalise(first).data_ptr() == pointer  # a dropped batch's buffer is handed out again

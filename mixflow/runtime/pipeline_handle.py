@@ -97,14 +97,17 @@ class Pipeline:
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, kind={self.kind!r}, world_size={self.world_size}, epochs={self.epochs})"
 
-    def feed(self, rank: int | None = None, world_size: int | None = None, device=None) -> ImageFeed | TokenFeed:
+    def feed(self, rank: int | None = None, world_size: int | None = None, device=None,
+             to_float: bool = True) -> ImageFeed | TokenFeed:
         """Claim ``rank`` and return its feed. Without ``rank``/``world_size`` they come from Ray
         Train's context (inside a ``TorchTrainer`` worker) or torchrun's ``RANK``/``WORLD_SIZE``.
-        ``device``: where batches land (default ``cuda:LOCAL_RANK`` when CUDA is there, else CPU)."""
+        ``device``: where batches land (default ``cuda:LOCAL_RANK`` when CUDA is there, else CPU).
+        ``to_float`` (images): normalised float ``x`` (default), or uint8 as delivered."""
         rank, world_size = _find_rank(rank, world_size)
-        feed_class = ImageFeed if self.kind == "image" else TokenFeed
         try:
-            return feed_class(self._host, self._info, rank, world_size, device)
+            if self.kind == "image":
+                return ImageFeed(self._host, self._info, rank, world_size, device, to_float)
+            return TokenFeed(self._host, self._info, rank, world_size, device)
         except ray.exceptions.RayActorError:
             raise errors.PipelineNotFoundError(f"pipeline {self.name!r} is no longer running") from None
 
@@ -189,8 +192,8 @@ def connect(name: str, address: str | None = None, timeout: float = 0.0) -> Pipe
                                        f"{', '.join(running) if running else 'none'}{hint}")
 
 
-def feed(name: str, rank: int | None = None, world_size: int | None = None, device=None,
+def feed(name: str, rank: int | None = None, world_size: int | None = None, device=None, to_float: bool = True,
          address: str | None = None, timeout: float = 60.0) -> ImageFeed | TokenFeed:
     """This process's feed of pipeline ``name``: ``connect(name).feed(...)`` in one call, with the
     rank from Ray Train's context or torchrun's environment when not given."""
-    return connect(name, address, timeout).feed(rank, world_size, device)
+    return connect(name, address, timeout).feed(rank, world_size, device, to_float)

@@ -150,11 +150,13 @@ class RankFeed:
 class ImageFeed(RankFeed):
     """An image pipeline's rank: :meth:`epoch` yields :class:`~mixflow.train.feed.TorchBatch`
     (``x`` float ``[B, C, H, W]`` normalised on ``device``, ``targets [B, classes]`` summing to 1,
-    ``y_a``, ``y_b``, ``lam``, ``keys``)."""
+    ``y_a``, ``y_b``, ``lam``, ``keys``). ``to_float=False``: ``x`` as delivered, uint8
+    ``[B, H, W, C]`` (normalise it on your GPU); on CPU it may be a view of a shared-memory slot,
+    valid until the next batch (clone it to keep it)."""
 
     kind = "image"
 
-    def __init__(self, host, info: dict, rank: int, world_size: int, device=None):
+    def __init__(self, host, info: dict, rank: int, world_size: int, device=None, to_float: bool = True):
         super().__init__(host, info, rank, world_size, device)
         from mixflow.config import validate_spec
         import json
@@ -166,6 +168,7 @@ class ImageFeed(RankFeed):
         self._reader: ChannelReader | None = None
         self._keys: list[str] = []  # keys of the epoch in progress delivered by this feed
         self._stats = self._fresh_stats()
+        self.to_float = to_float
 
     @staticmethod
     def _fresh_stats() -> dict:
@@ -189,7 +192,7 @@ class ImageFeed(RankFeed):
             begun = self._begin({"position": self._position, "skipped": self._skipped})
             self._reader = ChannelReader(begun["channel"], begun["holder"])
         d = self.spec.decode
-        feed = Feed(self._reader, self.device, d.mean, d.std)
+        feed = Feed(self._reader, self.device, d.mean, d.std, self.to_float)
         ring_before = self._reader.ring_batches
         start = time.perf_counter()
         batches = iter(feed)

@@ -11,6 +11,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from mixflow.mix.buffer_pool import POOL
+
 
 class BatchSource(Protocol):
     def get(self) -> dict | None: ...
@@ -71,7 +73,24 @@ class Feed(ReceivingFeed):
         self.device = torch.device(device)
         self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
+        # (x / 255 - mean) / std as x * scale + bias, per channel
+        self._scale = [1.0 / (255.0 * s) for s in std]
+        self._bias = [-m / s for m, s in zip(mean, std)]
         self.samples = 0
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[B, H, W, C]`` -> normalised float ``[B, C, H, W]`` (contiguous). On CPU one pass per
+        channel into a recycled buffer (:data:`mixflow.mix.buffer_pool.POOL`: handed out again only
+        once nothing refers to it), instead of four passes and two fresh, page-faulted batch-sized
+        allocations (``permute().float()`` keeps the channels-last strides, ``contiguous()`` copies)."""
+        if x.device.type != "cpu" or x.shape[-1] != len(self._scale):
+            return x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std).contiguous()
+        b, h, w, c = x.shape
+        out = POOL.take(torch.zeros((), dtype=torch.float32).expand(b, c, h, w))
+        src = x.permute(0, 3, 1, 2)
+        for k in range(c):
+            torch.mul(src[:, k], self._scale[k], out=out[:, k]).add_(self._bias[k])
+        return out
 
     def _to_torch(self, batch: dict) -> TorchBatch:
         with warnings.catch_warnings():  # object-store arrays are read-only; we never write into them
@@ -81,7 +100,7 @@ class Feed(ReceivingFeed):
             labels = [as_t(k) for k in ("targets", "y_a", "y_b", "lam")]
             perm = as_t("perm") if "perm" in batch else None
         if self.to_float and x.dtype == torch.uint8:
-            x = x.permute(0, 3, 1, 2).float().div_(255.0).sub_(self.mean).div_(self.std)
+            x = self._normalise(x)
         return TorchBatch(x.contiguous(), *labels, list(batch["keys"]), int(batch["step"]), perm,
                           batch.get("plan"), batch.get("method", "none"))
 
