@@ -41,7 +41,7 @@ def test_torchrun_ranks_attach_to_a_served_pipeline_by_name(ray_session, digits_
     assert f"mixflow stop tr1 --address {address}" in served.stdout
     torchrun = Path(sys.executable).parent / "torchrun"
     run = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "tests/torchrun_train.py", "tr1"],
-                         capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+                         capture_output=True, text=True, timeout=600, env={**env, "PYTHONPATH": str(REPO)}, cwd=REPO)
     results = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in run.stdout.splitlines()
                       if line.startswith("RESULT ")), key=lambda r: r["rank"])
     assert [r["rank"] for r in results] == [0, 1], run.stdout[-3000:] + run.stderr[-3000:]

@@ -1,5 +1,5 @@
 """A torchrun training script (run by tests/test_serve_torchrun.py): each rank attaches to a served
-pipeline by name, trains its own small CNN under DDP and prints its per-epoch losses as JSON."""
+pipeline by name, trains the test suite's small CNN under DDP and prints its per-epoch losses as JSON."""
 
 from __future__ import annotations
 
@@ -11,18 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 import mixflow
-
-
-class SmallCNN(nn.Module):
-    def __init__(self, classes: int = 10):
-        super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-                                  nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                                  nn.AdaptiveAvgPool2d(1))
-        self.head = nn.Linear(32, classes)
-
-    def forward(self, x):
-        return self.head(self.body(x).flatten(1))
+from tests.test_feed_api import TinyNet, soft_ce
 
 
 def main(name: str) -> None:
@@ -30,7 +19,7 @@ def main(name: str) -> None:
     dist.init_process_group("gloo")  # torchrun's MASTER_ADDR / RANK / WORLD_SIZE
     feed = mixflow.feed(name)  # rank and world size from torchrun's environment
     torch.manual_seed(0)
-    model = nn.parallel.DistributedDataParallel(SmallCNN())
+    model = nn.parallel.DistributedDataParallel(TinyNet())
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses, sums_ok = [], True
     for epoch in range(feed.epochs):
@@ -38,7 +27,7 @@ def main(name: str) -> None:
         with model.join():  # ranks' batch counts may differ by one
             for batch in feed.epoch(epoch):
                 sums_ok &= bool(torch.allclose(batch.targets.sum(1), torch.ones(len(batch.keys)), atol=1e-5))
-                loss = torch.sum(-batch.targets * torch.log_softmax(model(batch.x), 1), 1).mean()
+                loss = soft_ce(model(batch.x), batch.targets)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -189,14 +189,7 @@ class ImagePipeline:
                     skipped += epoch_skips
                     for res in trainer_results:
                         self.digests.setdefault(res["rank"], []).extend(res["digests"])
-                        rs = ranks[res["rank"]]
-                        rs.samples += res["samples"]
-                        rs.steps += res["steps"]
-                        rs.wait_s += res["wait_s"]
-                        rs.wall_s += res["wall_s"]
-                        rs.shared_memory_steps += res["shared_memory_steps"]
-                        if res["mean_loss"] is not None:
-                            rs.epoch_loss.append(res["mean_loss"])
+                        ranks[res["rank"]].add_epoch(res)
                     if stop_step is not None:
                         break
                     if epoch == state["epoch"]:  # what this epoch delivered before the resumed state

@@ -385,14 +385,7 @@ class PipelineHost:
         for epoch in sorted(self._results):
             results = self._results[epoch]
             for r, res in results.items():
-                rs = ranks[r]
-                rs.samples += res["samples"]
-                rs.steps += res["steps"]
-                rs.wait_s += res["wait_s"]
-                rs.wall_s += res["wall_s"]
-                rs.shared_memory_steps += res["shared_memory_steps"]
-                if res["mean_loss"] is not None:
-                    rs.epoch_loss.append(res["mean_loss"])
+                ranks[r].add_epoch(res)
             if len(results) < self.world_size:
                 continue  # not every rank finished this epoch: no verdict for it
             epoch_skips = [SkipRecord(**rec) for res in results.values() for rec in res["skipped"]]

@@ -114,6 +114,19 @@ class RankFeed:
             return getattr(errors, failure[0], errors.PipelineError)(failure[1])
         return errors.PipelineError(f"{self._name()}: its channel failed: {exc}")
 
+    def _named_failures(self, batches) -> Iterator:
+        """``batches``, with a failed channel (a stage died, the pipeline stopped) raised as the
+        named error it stands for."""
+        iterator = iter(batches)
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
+                raise self._failed(exc) from None
+            yield batch
+
     def _call(self, method: str, *args) -> Any:
         try:
             return raise_refusal(ray.get(getattr(self.host, method).remote(self.rank, self._id, *args)))
@@ -195,15 +208,8 @@ class ImageFeed(RankFeed):
         feed = Feed(self._reader, self.device, d.mean, d.std, self.to_float)
         ring_before = self._reader.ring_batches
         start = time.perf_counter()
-        batches = iter(feed)
         try:
-            while True:
-                try:
-                    batch = next(batches)
-                except StopIteration:
-                    break
-                except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
-                    raise self._failed(exc) from None
+            for batch in self._named_failures(feed):
                 consumed = self._reader.last
                 self._position = consumed["position"]
                 self._skipped += consumed["skipped"]
@@ -289,14 +295,7 @@ class TokenFeed(RankFeed):
 
     def _iterate(self) -> Iterator[TokenBatch]:
         self._ensure_begun()
-        batches = iter(self._batches)
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                break
-            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as exc:
-                raise self._failed(exc) from None
+        for batch in self._named_failures(self._batches):
             self._meta[batch.step] = batch
             self._stats["steps"] += 0 if batch.empty else 1
             yield batch

@@ -22,6 +22,16 @@ class RankSummary:
     epoch_loss: list[float] = field(default_factory=list)
     shared_memory_steps: int = 0  # batches whose pixels came through the mixer's shared-memory ring
 
+    def add_epoch(self, result: dict) -> None:
+        """Count one epoch's result of this rank (samples, steps, timings, mean loss)."""
+        self.samples += result["samples"]
+        self.steps += result["steps"]
+        self.wait_s += result["wait_s"]
+        self.wall_s += result["wall_s"]
+        self.shared_memory_steps += result["shared_memory_steps"]
+        if result["mean_loss"] is not None:
+            self.epoch_loss.append(result["mean_loss"])
+
     @property
     def wait_fraction(self) -> float:
         return self.wait_s / self.wall_s if self.wall_s else 0.0
