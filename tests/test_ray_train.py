@@ -9,7 +9,14 @@ latest checkpoint, which ``ray.train.get_checkpoint()`` hands every worker. Each
 its own ``rank{r}.pt`` into its own temporary directory; ``ray.train.report`` uploads them all into
 one checkpoint directory (the name is synced from rank 0).
 
-Per-rank records come back through rank 0's ``return_value`` (``torch.distributed.all_gather_object``).
+Per-rank records come back through rank 0's ``return_value`` (``torch.distributed.all_gather_object``;
+tensors are refused there, so weights travel as numpy), per-rank metrics through a ``UserCallback``.
+
+DDP and the feeds' uneven split (29 and 28 batches of an epoch) need ``model.join()``; the rank
+that runs out first skips the epoch's last optimizer step, so its optimizer state lags for good
+and mid-epoch its weights differ from rank 0's (join() re-syncs the weights as the ranks leave it).
+An exact mid-epoch resume therefore captures each rank's state inside join() and rebuilds DDP
+with ``init_sync=False`` (no broadcast of rank 0's weights).
 """
 
 from __future__ import annotations
@@ -101,6 +108,7 @@ def image_loop(config: dict):
     ``config["cut"]``: ``[epoch, step]``: after the batch of that epoch step, checkpoint
     ``{"model", "optimizer", "feed"}`` as ``rank{r}.pt`` and stop. A run that finds a
     checkpoint (``ray.train.get_checkpoint()``) loads it first and continues."""
+    import copy
     import os
     import tempfile
 
@@ -123,18 +131,24 @@ def image_loop(config: dict):
         optimizer_state = state["optimizer"]
         feed.load_state_dict(state["feed"])
         start_epoch = feed.current_epoch
-    model = ray.train.torch.prepare_model(model)
+    # Resuming: keep each rank's own weights (no broadcast of rank 0's at DDP construction). They
+    # differ mid-epoch: a rank with fewer batches (28 vs 29 an epoch) sits out DDP's last step of
+    # the epoch under join(), so its optimizer state lags one step for good, and its weights drift
+    # from rank 0's between the syncs join() does when the ranks leave it.
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"init_sync": False} if checkpoint is not None else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.get("lr", 5e-3))
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     cut = tuple(config["cut"]) if config.get("cut") else None
-    batches, epochs, stopped = [], [], False
+    batches, epochs, stopped, step_losses = [], [], False, []
     for epoch in range(start_epoch, feed.epochs):
         losses, targets_ok, count = [], True, 0
         with model.join():  # ranks get ceil/floor of the epoch's batches: DDP needs join
             for batch in feed.epoch(epoch):
-                crc = zlib.crc32(batch.x.numpy().tobytes())
-                batches.append({"epoch": epoch, "step": batch.step, "keys": list(batch.keys), "crc": crc})
+                batches.append({"epoch": epoch, "step": batch.step, "keys": list(batch.keys),
+                                "crc": zlib.crc32(batch.x.numpy().tobytes()),
+                                "targets_crc": zlib.crc32(batch.targets.numpy().tobytes())})
                 ones = torch.ones(len(batch.keys), dtype=batch.targets.dtype)
                 targets_ok &= bool(torch.allclose(batch.targets.sum(1), ones, atol=1e-5))
                 targets_ok &= batch.targets.shape == (len(batch.keys), 10)
@@ -144,8 +158,13 @@ def image_loop(config: dict):
                 optimizer.step()
                 feed.report(batch.step, loss=loss.item())
                 losses.append(loss.item())
+                step_losses.append(loss.item())
                 count += 1
                 if cut == (epoch, count):
+                    # Capture this rank's state here, inside join(): leaving it syncs every rank to
+                    # the weights of one rank (see the resume test), which would not be this rank's.
+                    saved = copy.deepcopy({"model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
+                                           "feed": feed.state_dict()})
                     stopped = True
                     break
         epochs.append({"epoch": epoch, "mean_loss": float(np.mean(losses)), "targets_ok": targets_ok,
@@ -153,8 +172,7 @@ def image_loop(config: dict):
         metrics = {"rank": rank, "epoch": epoch, "mean_loss": float(np.mean(losses)), "targets_ok": targets_ok}
         if stopped:
             with tempfile.TemporaryDirectory() as tmp:
-                torch.save({"model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
-                            "feed": feed.state_dict()}, os.path.join(tmp, f"rank{rank}.pt"))
+                torch.save(saved, os.path.join(tmp, f"rank{rank}.pt"))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             break
         ray.train.report(metrics)
@@ -162,7 +180,18 @@ def image_loop(config: dict):
     weights = {k: v.detach().numpy().copy() for k, v in model.module.state_dict().items()}
     params = [k for k, _ in model.module.named_parameters()]
     return _gather({"rank": rank, "batches": batches, "epochs": epochs, "resumed_from": resumed_from,
-                    "weights": weights, "params": params})
+                    "weights": weights, "params": params,
+                    "step_losses": step_losses})
+
+
+def _stream_diff(got: list[dict], want: list[dict]) -> str:
+    """Where two batch streams part: which batches, and in what (keys, pixels, targets)."""
+    parts = [f"{len(got)} vs {len(want)} batches"]
+    for i, (g, w) in enumerate(zip(got, want)):
+        fields = [k for k in ("epoch", "step", "keys", "crc", "targets_crc") if g[k] != w[k]]
+        if fields:
+            parts.append(f"#{i} (epoch {w['epoch']} step {w['step']}): {', '.join(fields)}")
+    return "; ".join(parts[:12])
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +248,7 @@ def test_image_ddp_training_under_torch_trainer(image_run):
         np.testing.assert_array_equal(records[0]["weights"][k], records[1]["weights"][k])
 
 
-def test_resume_through_ray_train_checkpoint_continues_identical_stream(image_run, digits_shards):
+def test_resume_through_ray_train_checkpoint_continues_identical_stream(image_run):
     import os
 
     import mixflow
@@ -250,11 +279,13 @@ def test_resume_through_ray_train_checkpoint_continues_identical_stream(image_ru
     finally:
         summary_c = pipe_c.close()
     assert result_c.error is None
+    assert result_c.checkpoint.path == result_b.checkpoint.path  # C restored B's, reported none of its own
     after = result_c.return_value
     for r in range(2):
         assert after[r]["resumed_from"] == ["rank0.pt", "rank1.pt"]
         assert len(before[r]["batches"]) == len([b for b in whole[r]["batches"] if b["epoch"] < cut[0]]) + cut[1]
-        assert before[r]["batches"] + after[r]["batches"] == whole[r]["batches"], f"rank {r}"
+        resumed = before[r]["batches"] + after[r]["batches"]
+        assert resumed == whole[r]["batches"], f"rank {r}: " + _stream_diff(resumed, whole[r]["batches"])
     # C's pipeline: the resumed epoch (and any after it) delivered every sample exactly once
     assert summary_c.exactly_once
     assert [led.epoch for led in summary_c.ledgers] == list(range(cut[0], 2))
@@ -264,7 +295,10 @@ def test_resume_through_ray_train_checkpoint_continues_identical_stream(image_ru
     assert summary_c.ledgers[0].before_resume == cut_keys
     assert sorted(summary_c.ledgers[0].per_rank.values()) == sorted(
         len([k for b in r["batches"] if b["epoch"] == cut[0] for k in b["keys"]]) for r in after)
-    # model + optimizer came back too: the resumed run ends on the uninterrupted run's weights
+    # model + optimizer came back too: every step's loss, and the final weights, are the uninterrupted run's
+    for r in range(2):
+        np.testing.assert_allclose(before[r]["step_losses"] + after[r]["step_losses"], whole[r]["step_losses"],
+                                   rtol=1e-6)
     for k, v in whole[0]["weights"].items():
         np.testing.assert_allclose(after[0]["weights"][k], v, rtol=1e-5, atol=1e-6)
 
@@ -286,8 +320,7 @@ def token_loop(config: dict):
 
     feed = mixflow.feed(config["name"])
     torch.manual_seed(0)
-    # (a feed from mixflow.feed/connect has no vocab_size in feed.info, one from start() has: see report)
-    model = ray.train.torch.prepare_model(Bigram(config["vocab_size"]))
+    model = ray.train.torch.prepare_model(Bigram(feed.vocab_size))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
 
     def seq_loss(tokens):
@@ -320,7 +353,7 @@ def test_token_aioli_mixture_moves_under_torch_trainer(ray_session, text_domains
     from mixflow.config import validate_spec
     from mixflow.data.token_shard_writer import read_manifest
 
-    vocab = read_manifest(text_domains / "python" / "train").vocab_size
+    vocab = read_manifest(text_domains / "python" / "train").vocab_size  # what each worker's feed must say
     spec = validate_spec({
         "kind": "tokens", "name": "tok", "seed": 3, "run_dir": str(tmp_path / "run"),
         "data": {"shards": str(text_domains), "seq_len": 32, "eval_sequences": 16},
@@ -329,8 +362,9 @@ def test_token_aioli_mixture_moves_under_torch_trainer(ray_session, text_domains
         "trainer": {"ranks": 2, "steps": 30, "batch_size": 8}})
     pipe = mixflow.start(spec, name="rt_tokens")
     assert pipe.kind == "tokens" and pipe.world_size == 2
+    assert mixflow.connect("rt_tokens")._info["vocab_size"] == vocab  # what connect() gives a worker's feed
     try:
-        result = _trainer(token_loop, {"name": "rt_tokens", "vocab_size": vocab}, tmp_path / "train", "tokens",
+        result = _trainer(token_loop, {"name": "rt_tokens"}, tmp_path / "train", "tokens",
                           tmp_path / "reports.jsonl").fit()
     finally:
         summary = pipe.close()

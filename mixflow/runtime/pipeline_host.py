@@ -105,6 +105,7 @@ class PipelineHost:
         self.decoders: list = []
         self.controller = None
         self.startup_s = 0.0
+        self._kind_info: dict = {}
 
     # --- start -----------------------------------------------------------------------------
 
@@ -118,13 +119,15 @@ class PipelineHost:
 
             kind = type(exc).__name__ if isinstance(exc, MixflowError) else "PipelineError"
             return refused(kind, f"pipeline {self.name!r} could not start: {exc}")
+        self._kind_info = info  # the token pipeline's vocab_size, pad_id, grad_stats_every
         self.startup_s = time.perf_counter() - start
         self._started_at = time.monotonic()
         threading.Thread(target=self._watch_loop, daemon=True, name="mixflow-host-watch").start()
-        return {**info, **self.info()}
+        return self.info()
 
     def info(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "world_size": self.world_size,
+        """What every client of the pipeline gets (``mixflow.start`` and ``mixflow.connect`` alike)."""
+        return {**self._kind_info, "name": self.name, "kind": self.kind, "world_size": self.world_size,
                 "spec_json": self.spec.model_dump_json(), "stream": self._stream,
                 "epochs": self.spec.trainer.epochs if self.kind == "image" else 1,
                 "node_id": ray.get_runtime_context().get_node_id()}

@@ -276,6 +276,16 @@ class TokenFeed(RankFeed):
         self._stats = {"steps": 0, "wait_s": 0.0}
 
     @property
+    def vocab_size(self) -> int:
+        """Token ids run ``0 .. vocab_size - 1`` (the shards' tokenizer)."""
+        return self.info["vocab_size"]
+
+    @property
+    def pad_id(self) -> int | None:
+        """The id that pads the tail of a domain's last sequence (leave it out of the loss)."""
+        return self.info["pad_id"]
+
+    @property
     def held_out(self) -> list[np.ndarray]:
         """Per domain, this rank's validation sequences ``[n, T+1]`` (what ``report_eval`` measures)."""
         return self._ensure_begun()["val"]
