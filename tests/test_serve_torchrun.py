@@ -38,7 +38,8 @@ def test_torchrun_ranks_attach_to_a_served_pipeline_by_name(ray_session, digits_
     served = _mixflow("serve", str(_spec_file(digits_shards, tmp_path)), "--name", "tr1", "--address", address,
                       env=env)
     assert served.returncode == 0, served.stdout + served.stderr[-3000:]
-    assert f"mixflow stop tr1 --address {address}" in served.stdout
+    auth = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE") == "token" else ""  # Ray's default here
+    assert f"{auth}mixflow stop tr1 --address {address}" in served.stdout
     torchrun = Path(sys.executable).parent / "torchrun"
     run = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "tests/torchrun_train.py", "tr1"],
                          capture_output=True, text=True, timeout=600, env={**env, "PYTHONPATH": str(REPO)}, cwd=REPO)
