@@ -126,14 +126,15 @@ def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
     address = ray.get_runtime_context().gcs_address
     embedded = not (args.address or os.environ.get("RAY_ADDRESS") or pipe.spec.runtime.address)
     console.print(f"pipeline [bold]{pipe.name}[/] ({pipe.kind}, {pipe.world_size} ranks, {pipe.epochs} epoch(s)) "
-                  f"is serving on Ray at {address}", highlight=False)
+                  f"is serving on Ray at {address}", highlight=False, soft_wrap=True)
     # Other processes joining a cluster with token authentication must say so (Ray reads the token
     # from ~/.ray/auth_token, but only asks for it with RAY_AUTH_MODE=token).
     auth = "RAY_AUTH_MODE=token " if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else ""
     console.print(f"attach each rank:  {auth}RAY_ADDRESS={address} python your_train.py   # feed = mixflow.feed("
-                  f"{pipe.name!r}), rank from RANK/WORLD_SIZE (torchrun) or Ray Train", highlight=False, markup=False)
+                  f"{pipe.name!r}), rank from RANK/WORLD_SIZE (torchrun) or Ray Train", highlight=False, markup=False,
+                  soft_wrap=True)
     console.print(f"stop it:           {auth}mixflow stop {pipe.name} --address {address}", highlight=False,
-                  markup=False)
+                  markup=False, soft_wrap=True)
     if not embedded:
         return 0
     console.print("(embedded Ray: serving until stopped)")
