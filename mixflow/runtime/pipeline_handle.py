@@ -129,16 +129,6 @@ class Pipeline:
             raise getattr(errors, kind, errors.PipelineError)(message)
         return out["summary"]
 
-    def __enter__(self) -> "Pipeline":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self._closed and exc[0] is not None:
-            try:
-                self.close()
-            except errors.MixflowError:
-                pass
-
 
 def start(spec: SpecLike, name: str | None = None, *, overrides: list[str] | None = None,
           address: str | None = None, detached: bool = False) -> Pipeline:
