@@ -28,6 +28,7 @@ import torch.distributed as dist
 from mixflow.config import PipelineSpec, TokenPipelineSpec
 from mixflow.errors import ConfigError
 from mixflow.runtime.rank_feed import default_device
+from mixflow.runtime.trainer_actor import _free_port
 
 
 @dataclass
@@ -67,14 +68,6 @@ def load_entrypoint(ref: str) -> Callable[..., Any]:
     if not callable(fn):
         raise ConfigError([("trainer.entrypoint", f"{module_name!r} has no function {function!r}")])
     return fn
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 @ray.remote(num_cpus=0)
