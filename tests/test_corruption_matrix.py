@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -64,12 +64,17 @@ def keys_of(n: int) -> list[str]:
     return [f"digit{i:05d}" for i in range(n * PER_SHARD, (n + 1) * PER_SHARD)]
 
 
-def rewrite_shard(directory: Path, n: int, edit: Callable[[str, dict[str, bytes]], dict[str, bytes]]) -> None:
-    """Write shard ``n`` again with ShardWriter, each sample's current components passed through ``edit``."""
+def shard_samples(directory: Path, n: int) -> dict[str, dict[str, bytes]]:
+    """Shard ``n``'s samples as written: key -> {ext: bytes}."""
     tar = shard_path(directory, n)
     data = tar.read_bytes()
-    current = {s.key: {ext: data[c.offset:c.offset + c.size] for ext, c in s.components.items()}
-               for s in read_index(tar.with_suffix(".idx"))}
+    return {s.key: {ext: data[c.offset:c.offset + c.size] for ext, c in s.components.items()}
+            for s in read_index(tar.with_suffix(".idx"))}
+
+
+def rewrite_shard(directory: Path, n: int, edit: Callable[[str, dict[str, bytes]], dict[str, bytes]]) -> None:
+    """Write shard ``n`` again with ShardWriter, each sample's current components passed through ``edit``."""
+    current = shard_samples(directory, n)
     scratch = directory / "scratch"
     with ShardWriter(scratch, "one") as writer:
         for key, comps in current.items():
@@ -104,8 +109,9 @@ class Expect:
 
     records: list[Want]
     lost: set[str]
-    raised: tuple[str, str | None, tuple[str, ...]]
+    raised: tuple[str, str | None, tuple[str, ...]] | None  # None: a good input, ``raise`` runs through
     at_listing: bool = False
+    changed: dict[str, tuple[int, np.ndarray, float]] = field(default_factory=dict)  # key -> (label, image, tol)
 
 
 def edit_one(key: str, change: Callable[[dict[str, bytes]], dict[str, bytes]]):
@@ -204,6 +210,45 @@ def case_missing_shard(d: Path) -> Expect:
                   (tar.name, keys_of(5)[0], (reason,)), at_listing=True)
 
 
+def photo(w: int, h: int) -> Image.Image:
+    """A ``w`` x ``h`` RGB crop of scikit-learn's bundled china.jpg (real photo texture)."""
+    from sklearn.datasets import load_sample_images
+
+    return Image.fromarray(load_sample_images().images[0][100:100 + 4 * h:4, 200:200 + 4 * w:4])
+
+
+def whole_window_reference(image: np.ndarray, size: int = 32) -> np.ndarray:
+    """What WHOLE decodes ``image`` (as displayed, HWC) into: the centre square (scale 1, ratio 1
+    falls back to the centre crop), bilinear to ``size`` x ``size`` (OpenCV, as the host resize)."""
+    import cv2
+
+    h, w = image.shape[:2]
+    side = min(h, w)
+    y, x = (h - side) // 2, (w - side) // 2
+    return cv2.resize(np.ascontiguousarray(image[y:y + side, x:x + side]), (size, size),
+                      interpolation=cv2.INTER_LINEAR)
+
+
+def case_exif_rotated(d: Path) -> Expect:
+    """Good samples: a 48x32 photo stored with EXIF orientation 6 (shown rotated, 32x48) and one with
+    orientation 8; they arrive once, rotated as PIL's ``exif_transpose`` shows them."""
+    from PIL import ImageOps
+
+    changed = {}
+    for key, orientation in ((keys_of(0)[1], 6), (keys_of(1)[4], 8)):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buf = io.BytesIO()
+        photo(48, 32).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+        shown = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buf.getvalue()))).convert("RGB"))
+        assert shown.shape == (48, 32, 3)
+        n = int(key[5:]) // PER_SHARD
+        rewrite_shard(d, n, edit_one(key, lambda c, data=buf.getvalue(): {**c, "jpg": data}))
+        label = int(shard_samples(d, n)[key]["cls"])
+        changed[key] = (label, whole_window_reference(shown), 3.0)
+    return Expect([], set(), None, changed=changed)
+
+
 IMAGE_CASES = {
     "truncated_jpeg": case_truncated_jpeg,
     "not_an_image": case_not_an_image,
@@ -216,6 +261,7 @@ IMAGE_CASES = {
     "empty_tar": case_empty_tar,
     "not_a_tar": case_not_a_tar,
     "missing_shard": case_missing_shard,
+    "exif_rotated": case_exif_rotated,
 }
 
 
@@ -278,8 +324,15 @@ def assert_good_arrive(delivered: dict, clean, expects: list[Expect]) -> None:
     """Every sample not lost arrives once (a dict: once), with the clean label and identical pixels."""
     _, samples, reference = clean
     lost = set().union(*(e.lost for e in expects))
+    changed = {k: v for e in expects for k, v in e.changed.items()}
     assert sorted(delivered) == sorted(set(samples) - lost)
     for key, (label, image) in delivered.items():
+        if key in changed:  # replaced by the case: its own reference, within a decoder tolerance
+            ref_label, ref_image, tol = changed[key]
+            assert label == ref_label and image.shape == ref_image.shape, key
+            diff = np.abs(image.astype(np.int16) - ref_image.astype(np.int16))
+            assert diff.mean() <= tol, (key, diff.mean())
+            continue
         ref_label, ref_image = reference[key]
         assert label == ref_label
         np.testing.assert_array_equal(image, ref_image, err_msg=key)
@@ -299,6 +352,11 @@ def test_image_case_skip_quarantines_and_keeps_every_good_sample(clean, tmp_path
 @pytest.mark.parametrize("case", IMAGE_CASES)
 def test_image_case_raise_names_shard_key_and_reason(clean, tmp_path, case):
     directory, (expect,) = damaged_copy(clean, tmp_path, case)
+    if expect.raised is None:  # a good input: raise runs through and delivers everything
+        delivered, records = run_stage(directory, "raise")
+        assert records == []
+        assert_good_arrive(delivered, clean, [expect])
+        return
     shard, key, parts = expect.raised
     if expect.at_listing:
         with pytest.raises(DataError) as err:
@@ -361,7 +419,7 @@ def test_an_all_bad_last_batch_is_still_quarantined(clean, tmp_path):
 
 
 ALL_STREAM_AND_SHARD_CASES = ("truncated_jpeg", "not_an_image", "dali_rejects", "missing_cls", "label_out_of_range",
-                              "truncated_tar", "empty_file", "missing_shard")
+                              "truncated_tar", "empty_file", "missing_shard", "exif_rotated")
 
 
 def test_pipeline_skip_quarantines_every_case_and_delivers_the_rest(ray_session, clean, tmp_path):

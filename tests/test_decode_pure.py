@@ -356,3 +356,16 @@ def test_resize_choice_follows_device_and_antialias():
     assert DecodeSpec(resize="opencv").host_resize("cpu")
     with pytest.raises(ValueError, match="resize 'opencv' is the CPU fast path"):
         DecodeSpec(resize="opencv", antialias=True)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_jpeg_header_reads_the_exif_orientation(orientation):
+    """Orientations 5-8 swap width and height: DALI decodes (and crops) the image as displayed."""
+    from mixflow.data.jpeg_header import jpeg_header
+
+    exif = Image.Exif()
+    exif[0x010F] = "test-camera"
+    exif[0x0112] = orientation
+    header = jpeg_header(jpeg_bytes(smooth_image(50, 70), exif=exif.tobytes()))
+    assert (header.height, header.width, header.orientation) == (50, 70, orientation)
+    assert header.oriented_size == ((70, 50) if orientation >= 5 else (50, 70))

@@ -3,6 +3,10 @@
 A truncated or non-JPEG payload makes a DALI pipeline invalid for every sample
 that follows ("pipeline no longer valid"), so each payload is checked here first:
 the SOI marker, a frame header with the image size, and the EOI marker at the end.
+The EXIF Orientation tag (APP1) is read on the way: DALI decodes an image the way
+its orientation says to show it (as PIL's ``ImageOps.exif_transpose`` does), and a
+crop window must be drawn in that oriented frame (orientations 5-8 swap width and
+height).
 """
 
 from __future__ import annotations
@@ -20,12 +24,55 @@ class JpegInfo(NamedTuple):
     channels: int
 
 
+class JpegHeader(NamedTuple):
+    """The stored frame size, the channels and the EXIF orientation (1..8; 1 when absent or unreadable)."""
+
+    height: int
+    width: int
+    channels: int
+    orientation: int = 1
+
+    @property
+    def oriented_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the image as displayed (and decoded by DALI): swapped for 5..8."""
+        return (self.width, self.height) if self.orientation >= 5 else (self.height, self.width)
+
+
 class JpegError(ValueError):
     """The payload is not a complete JPEG. The message says why."""
 
 
 def jpeg_info(data: bytes | memoryview) -> JpegInfo:
-    """Return the frame size of a JPEG, or raise :class:`JpegError` saying what is wrong."""
+    """Return the (stored) frame size of a JPEG, or raise :class:`JpegError` saying what is wrong."""
+    height, width, channels, _ = jpeg_header(data)
+    return JpegInfo(height, width, channels)
+
+
+def exif_orientation(app1: bytes | memoryview) -> int:
+    """The Orientation tag (0x0112) of an APP1 payload (after the length), 1 when absent or malformed."""
+    seg = bytes(app1)
+    if not seg.startswith(b"Exif\x00\x00") or len(seg) < 14:
+        return 1
+    tiff = seg[6:]
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None:
+        return 1
+    u16 = lambda at: int.from_bytes(tiff[at:at + 2], order)  # noqa: E731
+    ifd = int.from_bytes(tiff[4:8], order)
+    if ifd + 2 > len(tiff):
+        return 1
+    for i in range(u16(ifd)):
+        entry = ifd + 2 + 12 * i
+        if entry + 12 > len(tiff):
+            break
+        if u16(entry) == 0x0112 and u16(entry + 2) == 3:  # SHORT: the value sits in the entry
+            value = u16(entry + 8)
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def jpeg_header(data: bytes | memoryview) -> JpegHeader:
+    """Frame size, channels and EXIF orientation of a JPEG; :class:`JpegError` saying what is wrong."""
     buf = memoryview(data)
     n = len(buf)
     if n < 4 or buf[0] != 0xFF or buf[1] != 0xD8:
@@ -34,6 +81,7 @@ def jpeg_info(data: bytes | memoryview) -> JpegInfo:
     if not tail.endswith(b"\xff\xd9"):
         raise JpegError("truncated JPEG (no EOI marker at the end)")
     pos = 2
+    orientation = 1
     while pos + 4 <= n:
         if buf[pos] != 0xFF:
             raise JpegError(f"corrupt JPEG (expected a marker at byte {pos})")
@@ -45,6 +93,8 @@ def jpeg_info(data: bytes | memoryview) -> JpegInfo:
             pos += 2
             continue
         length = (buf[pos + 2] << 8) | buf[pos + 3]
+        if marker == 0xE1 and orientation == 1:  # APP1: EXIF (the first one that has the tag wins)
+            orientation = exif_orientation(buf[pos + 4:min(n, pos + 2 + length)])
         if marker in _SOF:
             if pos + 10 > n:
                 break
@@ -53,7 +103,7 @@ def jpeg_info(data: bytes | memoryview) -> JpegInfo:
             channels = buf[pos + 9]
             if height == 0 or width == 0:
                 raise JpegError(f"JPEG frame has zero size ({width}x{height})")
-            return JpegInfo(height, width, channels)
+            return JpegHeader(height, width, channels, orientation)
         if marker == 0xDA:  # start of scan before any frame header
             break
         pos += 2 + length

@@ -14,7 +14,7 @@ import numpy as np
 
 from mixflow.config import DecodeSpec
 from mixflow.data.bad_samples import BadSamplePolicy
-from mixflow.data.jpeg_header import JpegError, jpeg_info
+from mixflow.data.jpeg_header import JpegError, jpeg_header
 from mixflow.data.listing import ShardInfo
 from mixflow.data.webdataset_source import RawSample, WebDatasetSource
 from mixflow.decode.crop_windows import random_resized_crop_windows
@@ -24,6 +24,8 @@ from mixflow.seeding import numpy_rng
 
 IMAGE_EXTS = ("jpg", "jpeg")
 LABEL_EXT = "cls"
+# PIL's ``Image.MAX_IMAGE_PIXELS``: a header claiming more is refused before DALI allocates for it.
+DEFAULT_MAX_PIXELS = 89_478_485
 
 
 @dataclass(frozen=True)
@@ -32,12 +34,15 @@ class CheckedSample:
     shard: str
     jpeg: np.ndarray
     label: int
-    height: int
+    height: int  # as decoded: the EXIF orientation applied (DALI draws crop windows in that frame)
     width: int
 
 
-def check_sample(raw: RawSample, num_classes: int) -> CheckedSample:
-    """Raise :class:`DataError` (naming shard and key) unless the sample is decodable and labelled."""
+def check_sample(raw: RawSample, num_classes: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> CheckedSample:
+    """Raise :class:`DataError` (naming shard and key) unless the sample is decodable and labelled.
+
+    The size is the oriented one (EXIF orientations 5-8 swap width and height), and a header
+    announcing more than ``max_pixels`` pixels (None: no limit) is refused before decoding."""
     image = next((raw.components[e] for e in IMAGE_EXTS if e in raw.components), None)
     if image is None:
         raise DataError(f"missing image component (.jpg); has {sorted(raw.components)}", raw.shard, raw.key)
@@ -52,10 +57,15 @@ def check_sample(raw: RawSample, num_classes: int) -> CheckedSample:
         raise DataError(f"label {label} outside 0..{num_classes - 1} (data.num_classes={num_classes})",
                         raw.shard, raw.key)
     try:
-        info = jpeg_info(image)
+        info = jpeg_header(image)
     except JpegError as exc:
         raise DataError(str(exc), raw.shard, raw.key) from None
-    return CheckedSample(raw.key, raw.shard, np.frombuffer(image, dtype=np.uint8), label, info.height, info.width)
+    if max_pixels is not None and info.height * info.width > max_pixels:
+        raise DataError(f"image too large: the header announces {info.width}x{info.height} = "
+                        f"{info.height * info.width} pixels, over decode.max_pixels={max_pixels} "
+                        f"({len(image)} bytes of data)", raw.shard, raw.key)
+    height, width = info.oriented_size
+    return CheckedSample(raw.key, raw.shard, np.frombuffer(image, dtype=np.uint8), label, height, width)
 
 
 def dali_failure(exc: BaseException) -> str:
@@ -127,7 +137,8 @@ class DecodeStage:
         while len(good) < self.batch_size and self.source.remaining:
             for shard, row in self.source.take(self.batch_size - len(good)):
                 try:
-                    good.append(check_sample(self.source.read(shard, row), self.num_classes))
+                    good.append(check_sample(self.source.read(shard, row), self.num_classes,
+                                             getattr(self.spec, "max_pixels", DEFAULT_MAX_PIXELS)))
                 except DataError as err:
                     rejected.append(err)
         return good, rejected, self.source.position
