@@ -108,7 +108,7 @@ def test_state_from_rank_checkpoint_files(digits_shards, tmp_path):
 
     spec, shards = _spec(digits_shards, tmp_path), list_shards(digits_shards)
     skip = {"shard": "s.tar", "key": "k1", "reason": "bad", "offset": None, "epoch": 1}
-    streams = [{"rank": r, "position": {"epoch": 1, "step": 4 + r, "cursor": 5 + r, "starts": [64, 64 + 32 * r]},
+    streams = [{"rank": r, "position": {"epoch": 1, "step": 4 + r, "cursor": 4 + r, "starts": [64 + 32 * r, 64]},
                 "skipped": [skip] if r else [], "cuts": [], "skipped_before_cuts": []} for r in (0, 1)]
     paths = []
     for r in (1, 0):  # any order

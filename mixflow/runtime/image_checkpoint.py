@@ -63,18 +63,211 @@ def differences(saved, current, path: str = "") -> list[str]:
     return [] if saved == current else [f"{path} (state: {saved!r}, spec: {current!r})"]
 
 
-def check_resumable(state: dict, spec: PipelineSpec, shards: list[ShardInfo]) -> None:
-    """Raise ``ValueError`` naming every stream-deciding field where ``state`` and ``spec`` differ."""
+STATE_FIELDS = ("stream", "epoch", "ranks", "readers_per_rank", "cuts", "skipped_before_cuts", "rank_states")
+RECORD_FIELDS = {"shard": (str, type(None)), "key": (str, type(None)), "reason": (str,),
+                 "offset": (int, type(None)), "epoch": (int, type(None))}
+
+
+def _refuse(where: str, message: str, prefix: str = "resume_from") -> None:
+    raise ValueError(f"{prefix}: {where}: {message}")
+
+
+def _integer(value, where: str, lo: int, hi: int | None = None, prefix: str = "resume_from") -> int:
+    """``value`` when it is an integer in ``lo..hi`` (``hi`` None: no upper bound); else refuse naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        _refuse(where, f"must be an integer, got {value!r}", prefix)
+    if hi is None and value < lo:
+        _refuse(where, f"{value} must be >= {lo}", prefix)
+    if hi is not None and not lo <= value <= hi:
+        _refuse(where, f"{value} is outside {lo}..{hi}", prefix)
+    return value
+
+
+def _list(value, where: str, length: int | None = None, prefix: str = "resume_from") -> list:
+    if not isinstance(value, list):
+        _refuse(where, f"must be a list, got {value!r}", prefix)
+    if length is not None and len(value) != length:
+        _refuse(where, f"must hold {length} entries, got {len(value)}", prefix)
+    return value
+
+
+def validate_records(records, where: str, prefix: str = "resume_from") -> None:
+    """Quarantine records as :func:`skipped_records` reads them (``SkipRecord`` fields)."""
+    for i, rec in enumerate(_list(records, where, prefix=prefix)):
+        if not isinstance(rec, dict):
+            _refuse(f"{where}[{i}]", f"must be a quarantine record (an object), got {rec!r}", prefix)
+        unknown = sorted(set(rec) - set(RECORD_FIELDS))
+        if unknown:
+            _refuse(f"{where}[{i}]", f"unknown field(s) {unknown}; a record has {', '.join(RECORD_FIELDS)}", prefix)
+        for name, types in RECORD_FIELDS.items():
+            if name not in rec and name in ("shard", "key", "reason"):
+                _refuse(f"{where}[{i}].{name}", "is missing", prefix)
+            if name in rec and (isinstance(rec[name], bool) or not isinstance(rec[name], types)):
+                _refuse(f"{where}[{i}].{name}", f"has the wrong type: {rec[name]!r}", prefix)
+
+
+def _rows_of_stream(stream: dict, epoch: int, num_readers: int, cuts: list[dict]) -> list[np.ndarray]:
+    """:func:`epoch_rows` from a state's ``stream`` fields (shard sample counts, seed, window)."""
+    shards = [_Counted(int(n)) for _, n in stream["data"]["shards"]]
+    return epoch_rows(shards, stream["seed"], stream["data"]["shuffle_window"], epoch, num_readers, cuts)
+
+
+class _Counted:
+    """A shard of which only the sample count is known (all :func:`epoch_rows` reads)."""
+
+    def __init__(self, num_samples: int):
+        self.num_samples = num_samples
+
+
+def _next_indices(cursor: int, k: int) -> list[int]:
+    """Per reader slot, the index of its next batch when the rank's walk is at entry ``cursor``
+    (entry ``t`` is batch ``t // k`` of slot ``t % k``, as :mod:`mixflow.runtime.mixer_actor` walks)."""
+    return [cursor // k + (1 if slot < cursor % k else 0) for slot in range(k)]
+
+
+def validate_position(position, lengths: list[int], batch_size: int, on_error: str, epoch: int | None = None,
+                      where: str = "position", prefix: str = "resume_from") -> None:
+    """Refuse (``ValueError`` naming the field) a rank position the rank's mixer cannot have produced.
+
+    ``lengths``: the rows of each of the rank's reader slots in the position's epoch (the
+    seeded plan, :func:`epoch_rows`); ``epoch``: the epoch the position must be in (None: any).
+    A position is ``{"epoch", "step", "cursor", "starts"[, "done"]}``, the state after the
+    rank's ``step``-th batch: ``cursor`` the next entry of the round-robin walk, ``starts``
+    where each slot's next batch begins. With ``on_error: raise`` every batch holds
+    ``batch_size`` rows (the last of a slot the rest), so ``step`` and ``starts`` follow from
+    ``cursor`` exactly; with ``skip`` bad rows make batches longer, and they are checked
+    against the bounds that leaves (without reading the shards).
+    """
+    k, bs, exact = len(lengths), batch_size, on_error == "raise"
+    if not isinstance(position, dict):
+        _refuse(where, f"must be a position object (epoch, step, cursor, starts), got {position!r}", prefix)
+    for name in ("epoch", "step", "cursor", "starts"):
+        if name not in position:
+            _refuse(f"{where}.{name}", "is missing", prefix)
+    unknown = sorted(set(position) - {"epoch", "step", "cursor", "starts", "done"})
+    if unknown:
+        _refuse(where, f"unknown field(s) {unknown}", prefix)
+    if epoch is None:
+        _integer(position["epoch"], f"{where}.epoch", 0, prefix=prefix)
+    elif position["epoch"] != epoch or isinstance(position["epoch"], bool):
+        _refuse(f"{where}.epoch", f"{position['epoch']!r} is not the state's epoch {epoch}", prefix)
+    done = position.get("done", False)
+    if not isinstance(done, bool):
+        _refuse(f"{where}.done", f"must be true or false, got {done!r}", prefix)
+    batches = [-(-n // bs) for n in lengths]  # batches of each slot (an upper bound under skip)
+    most = max(batches, default=0)
+    last = (most - 1) * k + max(s for s in range(k) if batches[s] == most) + 1 if most else 0
+    cursor = _integer(position["cursor"], f"{where}.cursor", 0, last, prefix)
+    nxt = _next_indices(cursor, k)
+    if cursor:
+        slot, index = (cursor - 1) % k, (cursor - 1) // k
+        if index >= batches[slot]:
+            _refuse(f"{where}.cursor", f"{cursor} follows entry {cursor - 1} (batch {index} of reader slot {slot}), "
+                                       f"past that slot's {batches[slot]} batches: no batch ends there", prefix)
+    if done and exact and cursor != last:
+        _refuse(f"{where}.cursor", f"{cursor} is not the end of the epoch ({last}) but the position is done", prefix)
+    starts = position["starts"]
+    if starts is None:
+        if cursor:
+            _refuse(f"{where}.starts", f"is null but cursor is {cursor}", prefix)
+        starts = [0] * k
+    _list(starts, f"{where}.starts", k, prefix)
+    for s, (value, n) in enumerate(zip(starts, lengths)):
+        name = f"{where}.starts[{s}]"
+        _integer(value, name, 0, n, prefix)
+        low = min(nxt[s] * bs, n)
+        if exact and value != low:
+            _refuse(name, f"{value} does not follow from cursor {cursor} (reader slot {s}'s next batch is "
+                          f"{nxt[s]}, which starts at {low})", prefix)
+        if nxt[s] == 0 and value != 0:
+            _refuse(name, f"{value}: reader slot {s} has delivered no batch at cursor {cursor}, so it starts at 0",
+                    prefix)
+        if value < low:
+            _refuse(name, f"{value} is outside {low}..{n} (batch {nxt[s]} of reader slot {s} starts at row "
+                          f"{low} or later)", prefix)
+    high = sum(min(i, b) for i, b in zip(nxt, batches))
+    if exact:
+        if position["step"] != high or isinstance(position["step"], bool):
+            _integer(position["step"], f"{where}.step", 0, prefix=prefix)
+            _refuse(f"{where}.step", f"{position['step']} does not follow from cursor {cursor} "
+                                     f"({high} batches end before it)", prefix)
+    else:  # a slot not at its end delivered every entry before the cursor; one at its end maybe not
+        low = sum(i for i, v, n in zip(nxt, starts, lengths) if v < n)
+        _integer(position["step"], f"{where}.step", max(low, 1 if cursor else 0), high, prefix)
+
+
+def rank_lengths(stream: dict, epoch: int, ranks: int, readers_per_rank: int, rank: int,
+                 cuts: list[dict] | None = None) -> list[int]:
+    """Rows of each reader slot of ``rank`` in ``epoch`` (after ``cuts``), from a state's ``stream`` fields."""
+    rows = _rows_of_stream(stream, epoch, ranks * readers_per_rank, list(cuts or []))
+    return [len(r) for r in rows[rank * readers_per_rank:(rank + 1) * readers_per_rank]]
+
+
+def validate_feed_position(position, stream: dict, rank: int, world_size: int, readers_per_rank: int,
+                           where: str = "position", prefix: str = "load_state_dict") -> None:
+    """:func:`validate_position` for one feed rank's ``state["position"]`` (``stream``: the
+    pipeline's :func:`stream_fields`): refuses, naming the field, what the rank cannot be at."""
+    if not isinstance(position, dict):
+        _refuse(where, f"must be a position object (epoch, step, cursor, starts), got {position!r}", prefix)
+    epoch = _integer(position.get("epoch"), f"{where}.epoch", 0, prefix=prefix)
+    validate_position(position, rank_lengths(stream, epoch, world_size, readers_per_rank, rank),
+                      stream["batch_size"], stream["on_error"], epoch, where, prefix)
+
+
+def validate_state(state, spec: PipelineSpec, shards: list[ShardInfo]) -> None:
+    """Refuse (``ValueError`` naming the field) a pipeline state that ``spec`` cannot resume:
+    another stream, a missing or mistyped field, an epoch past ``trainer.epochs``, cuts or
+    rank positions that the epoch's seeded plan (:func:`epoch_rows`) cannot have produced."""
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"resume_from: not an image pipeline state (format must be {FORMAT!r}, "
                          f"got {state.get('format') if isinstance(state, dict) else type(state).__name__!r})")
+    missing = [name for name in STATE_FIELDS if name not in state]
+    if missing:
+        raise ValueError(f"resume_from: the state lacks field(s) {', '.join(missing)} (a state is what "
+                         "pipeline.state_dict() returns, or a run's pipeline_state.json)")
+    if not isinstance(state["stream"], dict):
+        _refuse("stream", f"must be an object, got {state['stream']!r}")
     diffs = differences(state["stream"], stream_fields(spec, shards), "")
     if diffs:
         raise ValueError("resume_from: the state was saved with a different stream; differing fields: "
                          + "; ".join(diffs))
-    if state["epoch"] >= spec.trainer.epochs:
+    epoch = _integer(state["epoch"], "epoch", 0)
+    if epoch >= spec.trainer.epochs:
         raise ValueError(f"resume_from: the state is at epoch {state['epoch']} but trainer.epochs is "
                          f"{spec.trainer.epochs}; nothing is left to run")
+    ranks = _integer(state["ranks"], "ranks", 1)
+    k = _integer(state["readers_per_rank"], "readers_per_rank", 1)
+    stream = state["stream"]
+    cuts = _list(state["cuts"], "cuts")
+    for i, cut in enumerate(cuts):
+        if not isinstance(cut, dict) or set(cut) != {"readers", "consumed"}:
+            _refuse(f"cuts[{i}]", f"must be an object with readers and consumed, got {cut!r}")
+        readers = _integer(cut["readers"], f"cuts[{i}].readers", 1)
+        rows = _rows_of_stream(stream, epoch, readers, cuts[:i])
+        for r, value in enumerate(_list(cut["consumed"], f"cuts[{i}].consumed", readers)):
+            _integer(value, f"cuts[{i}].consumed[{r}]", 0, len(rows[r]))
+    validate_records(state["skipped_before_cuts"], "skipped_before_cuts")
+    rank_states = _list(state["rank_states"], "rank_states", ranks)
+    lengths = [len(r) for r in _rows_of_stream(stream, epoch, ranks * k, cuts)]
+    for r, rank_state in enumerate(rank_states):
+        where = f"rank_states[{r}]"
+        if not isinstance(rank_state, dict) or "position" not in rank_state or "skipped" not in rank_state:
+            _refuse(where, f"must be an object with position and skipped, got {rank_state!r}")
+        validate_position(rank_state["position"], lengths[r * k:(r + 1) * k], stream["batch_size"],
+                          stream["on_error"], epoch, f"{where}.position")
+        validate_records(rank_state["skipped"], f"{where}.skipped")
+    checkpoints = state.get("checkpoints")
+    if checkpoints is not None:
+        for i, path in enumerate(_list(checkpoints, "checkpoints", ranks)):
+            if not isinstance(path, str):
+                _refuse(f"checkpoints[{i}]", f"must be a file path, got {path!r}")
+
+
+def check_resumable(state: dict, spec: PipelineSpec, shards: list[ShardInfo]) -> None:
+    """Raise ``ValueError`` naming the field of ``state`` that ``spec`` cannot resume: every
+    stream-deciding field where they differ, or the first field that is missing, mistyped or
+    inconsistent with the epoch's plan (:func:`validate_state`)."""
+    validate_state(state, spec, shards)
 
 
 def epoch_rows(shards: list[ShardInfo], seed: int, window: int, epoch: int, num_readers: int,
