@@ -9,6 +9,7 @@ import signal
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from mixflow.config import parse_bytes
 from mixflow.data.text_domains import MACHINE_DOMAINS
@@ -81,7 +82,7 @@ def _run_spec(spec, args: argparse.Namespace, console: Console) -> int:
 
         summary = TokenPipeline(spec, console, show_progress=not args.no_progress).run()
         summary.render(console)
-        console.print(f"summary written to {spec.run_path / 'summary.json'}")
+        console.print(f"summary written to {escape(str(spec.run_path / 'summary.json'))}")
         return 0
     from mixflow.runtime.image_pipeline import ImagePipeline
 
@@ -91,10 +92,10 @@ def _run_spec(spec, args: argparse.Namespace, console: Console) -> int:
     except ValueError as exc:  # a state that does not fit the spec, a stop point outside the run
         raise ConfigError([("--resume/--stop-at", str(exc))]) from None
     summary.render(console)
-    console.print(f"summary written to {spec.run_path / 'summary.json'}")
+    console.print(f"summary written to {escape(str(spec.run_path / 'summary.json'))}")
     if args.stop_at:
         console.print(f"stopped at epoch {args.stop_at[0]} step {args.stop_at[1]}; resume with "
-                      f"--resume {spec.run_path / 'pipeline_state.json'}")
+                      f"--resume {escape(str(spec.run_path / 'pipeline_state.json'))}")
     return 0 if summary.exactly_once else 3
 
 
@@ -105,10 +106,10 @@ def _run_entrypoint(spec, args: argparse.Namespace, console: Console) -> int:
     if args.resume or args.stop_at:
         raise ConfigError([("--resume/--stop-at", "a trainer.entrypoint keeps its own checkpoints "
                                                   "(feed.state_dict() / feed.load_state_dict())")])
-    console.print(f"running {spec.trainer.entrypoint} on {spec.trainer.ranks} rank(s)")
+    console.print(f"running {escape(str(spec.trainer.entrypoint))} on {spec.trainer.ranks} rank(s)")
     summary, _ = run_entrypoint(spec)
     summary.render(console)
-    console.print(f"summary written to {spec.run_path / 'summary.json'}")
+    console.print(f"summary written to {escape(str(spec.run_path / 'summary.json'))}")
     return 0 if getattr(summary, "exactly_once", True) else 3
 
 
@@ -125,7 +126,7 @@ def _cmd_serve(args: argparse.Namespace, console: Console) -> int:
     pipe = start(args.spec, args.name, overrides=args.set, address=args.address, detached=True)
     address = ray.get_runtime_context().gcs_address
     embedded = not (args.address or os.environ.get("RAY_ADDRESS") or pipe.spec.runtime.address)
-    console.print(f"pipeline [bold]{pipe.name}[/] ({pipe.kind}, {pipe.world_size} ranks, {pipe.epochs} epoch(s)) "
+    console.print(f"pipeline [bold]{escape(pipe.name)}[/] ({pipe.kind}, {pipe.world_size} ranks, {pipe.epochs} epoch(s)) "
                   f"is serving on Ray at {address}", highlight=False, soft_wrap=True)
     # Other processes joining a cluster with token authentication must say so (Ray reads the token
     # from ~/.ray/auth_token, but only asks for it with RAY_AUTH_MODE=token).
@@ -155,7 +156,7 @@ def _cmd_stop(args: argparse.Namespace, console: Console) -> int:
     pipe = connect(args.name, args.address)
     summary = pipe.close()
     summary.render(console)
-    console.print(f"summary written to {pipe.spec.run_path / 'summary.json'}")
+    console.print(f"summary written to {escape(str(pipe.spec.run_path / 'summary.json'))}")
     return 0 if getattr(summary, "exactly_once", True) else 3
 
 
@@ -180,8 +181,8 @@ def _cmd_token_shards(args: argparse.Namespace, console: Console) -> int:
     size = parse_bytes(args.shard_size) if args.shard_size else 32 * 2**20
     for name, docs in sources.items():
         for split, manifest in write_domain_splits(docs, args.out, name, args.val_fraction, max_bytes=size).items():
-            console.print(f"{name}/{split}: {manifest.num_docs} documents, {manifest.num_tokens} tokens in "
-                          f"{len(manifest.shards)} Parquet shards (+ manifest.json) in {args.out}/{name}/{split}")
+            console.print(f"{escape(name)}/{split}: {manifest.num_docs} documents, {manifest.num_tokens} tokens in "
+                          f"{len(manifest.shards)} Parquet shards (+ manifest.json) in {escape(f'{args.out}/{name}/{split}')}")
     return 0
 
 
@@ -204,7 +205,7 @@ def _cmd_shards(args: argparse.Namespace, console: Console) -> int:
         writer = build_demo(args.demo, args.out, max_bytes=size, **kwargs)
     else:
         writer = shards_from_folder(args.from_folder, args.out, max_bytes=size or 64 * 2**20, prefix=args.prefix)
-    console.print(f"wrote {writer.total_samples} samples into {len(writer.paths)} shards (+ .idx) in {args.out}")
+    console.print(f"wrote {writer.total_samples} samples into {len(writer.paths)} shards (+ .idx) in {escape(str(args.out))}")
     return 0
 
 
@@ -213,7 +214,7 @@ def _cmd_preview(args: argparse.Namespace, console: Console) -> int:
 
     shown = render_preview(args.source, args.out, rows=args.rows, cols=args.cols, seed=args.seed,
                            method=args.method, overrides=args.set)
-    console.print(f"{len(shown.tiles)} samples mixed with {shown.method} drawn into {shown.path} "
+    console.print(f"{len(shown.tiles)} samples mixed with {shown.method} drawn into {escape(str(shown.path))} "
                   f"({shown.size[0]}x{shown.size[1]} px)")
     return 0
 
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args, console)
     except MixflowError as exc:
-        console.print(f"[red]error:[/] {exc}", markup=True, highlight=False)
+        console.print(f"[red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

@@ -569,3 +569,32 @@ def test_token_pipeline_skip_writes_quarantine_and_counts(ray_session, tmp_path)
     for rec in lines:
         assert rec["reason"].startswith(expected[rec["shard"], rec["key"]])
         assert isinstance(rec["epoch"], int)
+
+
+# --------------------------------------------------------------------------- printing external text
+
+
+def test_cli_error_with_markup_like_text_prints_verbatim(tmp_path, capsys):
+    """DALI's messages carry ``[/opt/dali/...h:91]``: rich must print such text, not parse it as markup."""
+    from mixflow.cli import main
+
+    missing = tmp_path / "x[/closing]" / "[brackets] [bold]spec.yaml"
+    assert main(["run", str(missing)]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(f"error: invalid pipeline spec in {missing}:\n")
+    assert f"no such pipeline spec: {missing}\n" in out
+
+
+def test_summary_prints_keys_and_names_verbatim():
+    from rich.console import Console
+
+    from mixflow.runtime.ledger import check_epoch
+    from mixflow.runtime.summary import RankSummary, RunSummary
+
+    ledger = check_epoch(0, {"[/k]", "[bold]b"}, {0: ["[bold]b"]}, [])
+    summary = RunSummary("run [/x]", "cpu", 0.1, 1.0, 1, [RankSummary(0)], [ledger], 0,
+                         [{"peak_items": 1, "max_items": 2, "peak_bytes": 0, "max_bytes": 1}])
+    console = Console(file=io.StringIO(), width=300)
+    summary.render(console)
+    out = console.file.getvalue()
+    assert "run [/x]: 1 samples" in out and "1 missing (e.g. [/k])" in out

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import ray
 from rich.console import Console
+from rich.markup import escape
 
 from mixflow.config import PipelineSpec
 from mixflow.data.bad_samples import BadSamplePolicy, SkipRecord, write_quarantine
@@ -51,7 +52,7 @@ def prepare_shards(spec: PipelineSpec, console: Console | None = None,
     shard_dir = Path(spec.data.shards)
     if spec.data.demo and not any(shard_dir.glob("*.tar")):
         if console:
-            console.print(f"building demo set '{spec.data.demo}' into {shard_dir}")
+            console.print(f"building demo set '{spec.data.demo}' into {escape(str(shard_dir))}")
         build_demo(spec.data.demo, shard_dir, max_bytes=spec.data.shard_size)
     return list_shards(shard_dir, policy)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 
@@ -14,9 +15,9 @@ class PipelineProgress:
         self.unit = unit
         self._start = time.perf_counter()
         self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                                  TimeElapsedColumn(), TextColumn("{task.fields[info]}", markup=False),
                                   console=console, disable=not enabled, transient=False)
-        self._task = self._progress.add_task(unit, total=total, info="")
+        self._task = self._progress.add_task(escape(unit), total=total, info="")
 
     def __enter__(self) -> "PipelineProgress":
         self._progress.__enter__()

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mixflow.runtime.ledger import EpochLedger
@@ -69,7 +70,7 @@ class RunSummary:
 
     def render(self, console: Console | None = None) -> None:
         console = console or Console()
-        console.print(f"[bold]{self.name}[/]: {self.samples} samples in {self.wall_s:.1f} s = "
+        console.print(f"[bold]{escape(self.name)}[/]: {self.samples} samples in {self.wall_s:.1f} s = "
                       f"[bold]{self.throughput:.0f} samples/s[/] (decode on {self.decode_device}; "
                       f"actors started in {self.startup_s:.1f} s)")
         table = Table("rank", "samples", "steps", "waiting for data", "loss by epoch")
@@ -83,6 +84,6 @@ class RunSummary:
                           f"{peak['peak_bytes'] / 2**20:.1f}/{peak['max_bytes'] / 2**20:.1f} MiB queued")
         for ledger in self.ledgers:
             style = "green" if ledger.exactly_once else "red"
-            console.print(f"[{style}]ledger {ledger.describe()}[/]")
+            console.print(f"[{style}]ledger {escape(ledger.describe())}[/]")
         if self.skipped:
             console.print(f"[yellow]{self.skipped} bad samples skipped (see quarantine.jsonl)[/]")

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import ray
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mixflow.config import TokenPipelineSpec
@@ -56,7 +57,7 @@ def prepare_domains(spec: TokenPipelineSpec, console: Console | None = None) -> 
         if (root / name / "train" / MANIFEST).is_file():
             continue
         if console:
-            console.print(f"building text domain '{name}' into {root / name}")
+            console.print(f"building text domain '{escape(name)}' into {escape(str(root / name))}")
         docs = machine_documents(name, spec.data.max_bytes_per_domain)
         write_domain_splits(docs, root, name, spec.data.val_fraction, max_bytes=shard_bytes)
     return [root / name for name in spec.data.machine_domains]
@@ -118,7 +119,7 @@ class TokenRunSummary:
         path.write_text(json.dumps(self.to_json(), indent=1))
 
     def render(self, console: Console) -> None:
-        console.print(f"[bold]{self.name}[/] ({self.policy}): {self.tokens} tokens in {self.wall_s:.1f} s = "
+        console.print(f"[bold]{escape(self.name)}[/] ({self.policy}): {self.tokens} tokens in {self.wall_s:.1f} s = "
                       f"[bold]{self.tokens_per_s:.0f} tokens/s[/] over {self.steps} steps "
                       f"(actors started in {self.startup_s:.1f} s)")
         table = Table("domain", "final p", "test loss", "test perplexity")
