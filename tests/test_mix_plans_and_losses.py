@@ -136,7 +136,7 @@ def test_transmix_pipeline_pastes_cutmix_boxes_recorded_in_the_plan():
     x = torch.arange(1.0, n + 1).view(n, 1, 1, 1).expand(n, 3, h, w).contiguous()
     for mode in ("batch", "elem"):
         for seed in range(8):
-            mb = transmix(x, torch.arange(n), rng(seed), num_classes=C, mode=mode)
+            mb = transmix(x, torch.arange(n) % C, rng(seed), num_classes=C, mode=mode)
             assert isinstance(mb.plan, BoxPlan) and mb.plan.image_size == (h, w)
             boxes = mb.plan.boxes
             for i in range(n):
@@ -150,11 +150,11 @@ def test_transmix_pipeline_pastes_cutmix_boxes_recorded_in_the_plan():
                 elif float(mb.lam[i]) < 1:  # MixUp element: a blend, no box
                     lam = float(mb.lam[i])
                     torch.testing.assert_close(mb.x[i], lam * x[i] + (1 - lam) * x[mb.perm[i]])
-    again = transmix(x, torch.arange(n), rng(3), num_classes=C, mode="elem")
-    first = transmix(x, torch.arange(n), rng(3), num_classes=C, mode="elem")
+    again = transmix(x, torch.arange(n) % C, rng(3), num_classes=C, mode="elem")
+    first = transmix(x, torch.arange(n) % C, rng(3), num_classes=C, mode="elem")
     assert torch.equal(again.x, first.x) and torch.equal(again.plan.boxes, first.plan.boxes)
     with pytest.raises(ValueError, match="cutmix_alpha > 0 or minmax"):
-        transmix(x, torch.arange(n), rng(0), num_classes=C, cutmix_alpha=0.0)
+        transmix(x, torch.arange(n) % C, rng(0), num_classes=C, cutmix_alpha=0.0)
 
 
 def test_transmix_without_mixup_always_cuts():
@@ -172,21 +172,21 @@ def test_smmix_pipeline_emits_a_side_length_plan_and_leaves_x_unmixed():
     x = torch.rand(6, 3, 28, 28)
     sides = set()
     for seed in range(60):
-        mb = smmix(x, torch.arange(6), rng(seed), num_classes=C, switch_prob=1.0)
+        mb = smmix(x, torch.arange(6) % C, rng(seed), num_classes=C, switch_prob=1.0)
         assert mb.method == "smmix" and isinstance(mb.plan, SideLengthPlan) and mb.plan.grid == 14
         assert 3 <= mb.plan.side <= 10  # int(14*0.25) .. int(14*0.75)
         assert mb.x is x
         torch.testing.assert_close(mb.lam, torch.full((6,), 1 - mb.plan.side ** 2 / 196))
         sides.add(mb.plan.side)
     assert sides == set(range(3, 11))
-    a, b = (smmix(x, torch.arange(6), rng(7), num_classes=C) for _ in range(2))
+    a, b = (smmix(x, torch.arange(6) % C, rng(7), num_classes=C) for _ in range(2))
     assert a.method == b.method and a.plan == b.plan and torch.equal(a.perm, b.perm) and torch.equal(a.x, b.x)
-    mixed = smmix(x, torch.arange(6), rng(0), num_classes=C, switch_prob=0.0)
+    mixed = smmix(x, torch.arange(6) % C, rng(0), num_classes=C, switch_prob=0.0)
     assert mixed.method == "mixup" and mixed.plan is None
     with pytest.raises(ValueError, match="multiple of token_grid=14"):
         smmix(torch.rand(2, 3, 30, 30), torch.arange(2), rng(0), num_classes=C)
     with pytest.raises(ValueError, match=r"= 0\.\.3 must satisfy"):
-        smmix(x, torch.arange(6), rng(0), num_classes=C, min_side_ratio=0.01, max_side_ratio=0.25)
+        smmix(x, torch.arange(6) % C, rng(0), num_classes=C, min_side_ratio=0.01, max_side_ratio=0.25)
 
 
 def smmix_case(layout: str):
@@ -294,11 +294,11 @@ def test_manifold_mixup_pipeline_draws_layer_and_leaves_x():
         assert bool((mb.perm != torch.arange(8)).all()) and bool(((mb.lam > 0) & (mb.lam < 1)).all())
         layers_seen.add(mb.plan.layer)
     assert layers_seen == {0, 2, 3}
-    a = manifold_mixup(x, torch.arange(8), rng(5), num_classes=C)
-    b = manifold_mixup(x, torch.arange(8), rng(5), num_classes=C)
+    a = manifold_mixup(x, torch.arange(8) % C, rng(5), num_classes=C)
+    b = manifold_mixup(x, torch.arange(8) % C, rng(5), num_classes=C)
     assert a.plan == b.plan and torch.equal(a.perm, b.perm) and torch.equal(a.lam, b.lam)
     with pytest.raises(ValueError, match="layers must be a non-empty list"):
-        manifold_mixup(x, torch.arange(8), rng(0), num_classes=C, layers=())
+        manifold_mixup(x, torch.arange(8) % C, rng(0), num_classes=C, layers=())
 
 
 def scaled_chain():

@@ -34,6 +34,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mixflow.mix.checks import check_mix_call
 from mixflow.mix.lam import apply_prob, beta_lam
 from mixflow.mix.mixed_batch import MixedBatch
 from mixflow.mix.pairing import PAIRINGS, partner_index
@@ -112,6 +113,7 @@ def beat_sync_mixup(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, 
     """Align each partner's beats with the sample's, then MixUp (float ``[B, T]`` or ``[B, C, T]``)."""
     if x.dim() not in (2, 3) or not x.is_floating_point():
         raise ValueError(f"expected float audio [B, T] or [B, C, T], got {x.dtype} of shape {tuple(x.shape)}")
+    check_mix_call(x, y, num_classes, prob=prob, label_smoothing=label_smoothing, alpha=alpha)
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be > 0, got {sample_rate}")
     if pairing not in BEAT_PAIRINGS:

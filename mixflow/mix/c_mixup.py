@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mixflow.mix.checks import check_alpha, check_finite_labels, check_regression_targets
 from mixflow.mix.lam import beta_lam
 from mixflow.mix.ops import blend
 from mixflow.mix.regression_batch import RegressionMixedBatch
@@ -40,8 +41,9 @@ def c_mixup_probs(labels: torch.Tensor, sigma: float = 1.0, exclude_self: bool =
     Computed as a softmax of ``-d^2 / (2 sigma^2)`` (row maximum subtracted first) so
     far-apart labels underflow to probability 0 instead of making a row all zeros.
     """
-    if sigma <= 0:
-        raise ValueError(f"sigma must be > 0, got {sigma}")
+    if not sigma > 0 or not np.isfinite(sigma):
+        raise ValueError(f"sigma must be > 0 and finite, got {sigma}")
+    check_finite_labels(labels, "labels")
     n = len(labels)
     if exclude_self and n < 2:
         raise ValueError(f"C-Mixup needs at least 2 samples to pick a partner other than itself, got {n}")
@@ -76,8 +78,8 @@ def c_mixup(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, alpha
     """
     if mode not in C_MIXUP_MODES:
         raise ValueError(f"unknown C-Mixup lam mode {mode!r}; choose one of {', '.join(C_MIXUP_MODES)}")
-    if len(y) != len(x):
-        raise ValueError(f"x has {len(x)} samples but y has {len(y)}")
+    check_regression_targets(x, y)
+    check_alpha(alpha)
     perm = draw_partners(c_mixup_probs(y, sigma), rng).to(x.device)
     lam = beta_lam(alpha, mode, np.arange(len(x)), rng)
     y_float = y if y.is_floating_point() else y.to(torch.float32)

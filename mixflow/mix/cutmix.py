@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mixflow.mix.checks import check_mix_call
 from mixflow.mix.lam import apply_prob, beta_lam, per_mode
 from mixflow.mix.mask_ops import check_seg
 from mixflow.mix.mixed_batch import MixedBatch
@@ -59,6 +60,7 @@ def cutmix(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, num_cl
            layout: str = "auto") -> MixedBatch:
     """CutMix a batch (uint8 NHWC or float NCHW); ``seg`` (integer ``[B, H, W]``) gets the same boxes."""
     hd, wd = spatial_dims(x, layout)
+    check_mix_call(x, y, num_classes, prob=prob, label_smoothing=label_smoothing, alpha=alpha)
     h, w = x.shape[hd], x.shape[wd]
     if seg is not None:
         check_seg(seg, len(x), (h, w))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mixflow.mix.checks import check_mix_call
 from mixflow.mix.fmix_masks import sample_fmix_masks
 from mixflow.mix.lam import apply_prob, beta_lam
 from mixflow.mix.mask_ops import apply_mask, check_seg, mix_seg, spatial_shape
@@ -39,9 +40,14 @@ def fmix(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, num_clas
          pairing: str = "derangement", prob: float = 1.0, label_smoothing: float = 0.0,
          seg: torch.Tensor | None = None, layout: str = "auto") -> MixedBatch:
     """FMix a batch; ``seg`` (integer ``[B, *S]``) follows the mask (soft masks: where it is >= 0.5)."""
+    check_mix_call(x, y, num_classes, prob=prob, label_smoothing=label_smoothing, alpha=alpha)
     shape = spatial_shape(x, layout)
     if seg is not None:
         check_seg(seg, len(x), shape)
+    if len(x) == 0:  # nothing to mix (and no mask to draw: an FFT of zero masks fails)
+        empty = torch.zeros(0, dtype=torch.int64, device=x.device)
+        return MixedBatch(x, y, y, torch.zeros(0, dtype=torch.float32), empty, num_classes, label_smoothing,
+                          "fmix", seg=seg)
     perm = partner_index(len(x), pairing, rng, mode)
     lam = apply_prob(beta_lam(alpha, mode, perm, rng), prob, mode, perm, rng)
     groups = mask_groups(mode, perm)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from mixflow.mix.checks import check_alpha
 from mixflow.mix.pairing import cycle_ids
 
 MODES = ("batch", "pair", "elem")
@@ -24,8 +25,7 @@ def per_mode(draw, mode: str, perm: np.ndarray) -> np.ndarray:
 
 def beta_lam(alpha: float, mode: str, perm: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """``lam ~ Beta(alpha, alpha)`` shared according to ``mode``."""
-    if alpha <= 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
+    check_alpha(alpha)  # NaN / inf would give NaN lam
     return per_mode(lambda k: rng.beta(alpha, alpha, size=k), mode, perm)
 
 

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from mixflow.mix.checks import check_mix_call
 from mixflow.mix.lam import apply_prob, beta_lam
 from mixflow.mix.mixed_batch import MixedBatch
 from mixflow.mix.pairing import partner_index
@@ -29,6 +30,7 @@ def manifold_mixup(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *
                    alpha: float = 2.0, layers: Sequence[int] = (0, 1, 2), mode: str = "batch",
                    pairing: str = "derangement", prob: float = 1.0, label_smoothing: float = 0.0) -> MixedBatch:
     """Draw ``(perm, lam, layer)``; ``x`` is returned unchanged."""
+    check_mix_call(x, y, num_classes, prob=prob, label_smoothing=label_smoothing, alpha=alpha)
     if len(layers) == 0 or min(layers) < 0:
         raise ValueError(f"layers must be a non-empty list of block indices >= 0, got {list(layers)}")
     perm = partner_index(len(x), pairing, rng, mode)

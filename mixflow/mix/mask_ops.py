@@ -17,6 +17,7 @@ import torch
 
 from mixflow.mix import cpu_kernels
 from mixflow.mix.buffer_pool import output_like
+from mixflow.mix.checks import check_auto_layout
 
 CHANNELS_LAST = {3: "NLC", 4: "NHWC", 5: "NDHWC"}
 CHANNELS_FIRST = {3: "NCL", 4: "NCHW", 5: "NCDHW"}
@@ -29,6 +30,7 @@ def channels_last(x: torch.Tensor, layout: str = "auto") -> bool:
                          f"got shape {tuple(x.shape)}")
     last, first = CHANNELS_LAST[x.dim()], CHANNELS_FIRST[x.dim()]
     if layout == "auto":
+        check_auto_layout(x)  # a uint8 batch that looks channels-first is refused, not mixed as channels-last
         return x.dtype == torch.uint8
     if layout in (last, first):
         return layout == last

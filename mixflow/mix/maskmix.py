@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mixflow.mix.checks import check_mix_call
 from mixflow.mix.grid_masks import cells_to_pixels, check_patch_grid, grid_shape, random_cells
 from mixflow.mix.lam import apply_prob, beta_lam
 from mixflow.mix.mask_ops import apply_mask, check_seg, mix_seg
@@ -39,6 +40,7 @@ def maskmix(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, num_c
             seg: torch.Tensor | None = None, layout: str = "auto") -> MixedBatch:
     """MaskMix a batch (uint8 NHWC or float NCHW). Cells are drawn per sample in every ``mode``;
     ``mode`` decides which samples share lam (and so the number of kept cells)."""
+    check_mix_call(x, y, num_classes, prob=prob, label_smoothing=label_smoothing, alpha=alpha)
     hd, wd = spatial_dims(x, layout)
     h, w = x.shape[hd], x.shape[wd]
     check_patch_grid(h, w, patch_size, mask_patch)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mixflow.mix.checks import check_mix_call
 from mixflow.mix.mixed_batch import MixedBatch, unmixed
 
 
@@ -65,6 +66,7 @@ def method_choice(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *,
                   prob: float = 1.0, label_smoothing: float = 0.0, seg: torch.Tensor | None = None,
                   layout: str = "auto") -> MixedBatch:
     """Mix the batch with one method drawn from ``choices``; ``methods`` maps names to mixing functions."""
+    check_mix_call(x, y, num_classes, prob=prob, label_smoothing=label_smoothing)
     probs, calls = _prepare(choices, methods, label_smoothing, seg)
     if prob < 1.0 and rng.random() >= prob:
         batch = unmixed(x, y, num_classes, label_smoothing)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mixflow.mix.checks import check_fraction, check_mix_call
 from mixflow.mix.cutmix import box_lam, cutmix, cutmix_boxes
 from mixflow.mix.lam import apply_prob, beta_lam, per_mode
 from mixflow.mix.mixed_batch import MixedBatch, unmixed
@@ -24,8 +25,13 @@ def mixup_cutmix(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, 
                  cutmix_minmax: tuple[float, float] | None = None, prob: float = 1.0,
                  switch_prob: float = 0.5, mode: str = "batch", pairing: str = "derangement",
                  label_smoothing: float = 0.0, correct_lam: bool = True, layout: str = "auto") -> MixedBatch:
+    check_mix_call(x, y, num_classes, prob=prob, label_smoothing=label_smoothing, mixup_alpha=mixup_alpha,
+                   cutmix_alpha=cutmix_alpha)
+    check_fraction(switch_prob, "switch_prob")
     use_mixup = mixup_alpha > 0
     use_cutmix = cutmix_alpha > 0 or cutmix_minmax is not None
+    if use_cutmix:
+        spatial_dims(x, layout)  # the layout is checked whichever method the batch draws
     if not (use_mixup or use_cutmix):
         raise ValueError("mixup_cutmix needs mixup_alpha > 0, cutmix_alpha > 0 or cutmix_minmax")
     common = dict(num_classes=num_classes, mode=mode, pairing=pairing, label_smoothing=label_smoothing)

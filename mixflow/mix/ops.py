@@ -19,6 +19,7 @@ import torch
 
 from mixflow.mix import cpu_kernels
 from mixflow.mix.buffer_pool import output_like
+from mixflow.mix.checks import check_auto_layout
 
 LAYOUTS = ("auto", "NHWC", "NCHW")
 
@@ -28,6 +29,7 @@ def spatial_dims(x: torch.Tensor, layout: str = "auto") -> tuple[int, int]:
     if x.dim() != 4:
         raise ValueError(f"expected an image batch with 4 dims, got shape {tuple(x.shape)}")
     if layout == "auto":
+        check_auto_layout(x)  # a uint8 batch that looks NCHW is refused, not mixed as NHWC
         layout = "NHWC" if x.dtype == torch.uint8 else "NCHW"
     if layout == "NHWC":
         return 1, 2

@@ -20,6 +20,7 @@ import torch
 
 from mixflow.mix.beat_sync_mixup import beat_sync_mixup
 from mixflow.mix.c_mixup import c_mixup
+from mixflow.mix.checks import check_mix_call
 from mixflow.mix.cutmix import cutmix
 from mixflow.mix.fmix import fmix
 from mixflow.mix.manifold_mixup import manifold_mixup
@@ -39,6 +40,7 @@ MixFn = Callable[[torch.Tensor, torch.Tensor, np.random.Generator], MixedBatch]
 
 def _none(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, num_classes: int,
           label_smoothing: float = 0.0) -> MixedBatch:
+    check_mix_call(x, y, num_classes, label_smoothing=label_smoothing)
     return unmixed(x, y, num_classes, label_smoothing)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mixflow.mix.buffer_pool import output_like
+from mixflow.mix.checks import check_mix_call
 from mixflow.mix.lam import apply_prob, per_mode
 from mixflow.mix.mask_ops import check_seg
 from mixflow.mix.mixed_batch import MixedBatch
@@ -123,6 +124,7 @@ def resizemix(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, num
               pairing: str = "derangement", prob: float = 1.0, label_smoothing: float = 0.0,
               seg: torch.Tensor | None = None, layout: str = "auto") -> MixedBatch:
     """ResizeMix a batch (uint8 NHWC or float NCHW); ``mode`` decides which samples share tau and box."""
+    check_mix_call(x, y, num_classes, prob=prob, label_smoothing=label_smoothing)
     lo, hi = scope
     if not 0 < lo <= hi <= 1:
         raise ValueError(f"resizemix scope must satisfy 0 < min <= max <= 1, got {tuple(scope)}")

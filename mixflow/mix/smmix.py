@@ -21,6 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mixflow.mix.checks import check_fraction, check_mix_call
 from mixflow.mix.mixed_batch import MixedBatch, unmixed
 from mixflow.mix.mixup import mixup
 from mixflow.mix.ops import spatial_dims
@@ -42,6 +43,8 @@ def smmix(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, num_cla
           min_side_ratio: float = 0.25, max_side_ratio: float = 0.75, prob: float = 1.0,
           pairing: str = "derangement", label_smoothing: float = 0.0, layout: str = "auto") -> MixedBatch:
     """Per batch: an SMMix plan (``x`` unmixed) with probability ``switch_prob``, else MixUp."""
+    check_mix_call(x, y, num_classes, prob=prob, label_smoothing=label_smoothing, mixup_alpha=mixup_alpha)
+    check_fraction(switch_prob, "switch_prob")
     sides = smmix_sides(token_grid, min_side_ratio, max_side_ratio)
     hd, wd = spatial_dims(x, layout)
     h, w = x.shape[hd], x.shape[wd]

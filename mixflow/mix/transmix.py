@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mixflow.mix.checks import check_fraction, check_mix_call
 from mixflow.mix.cutmix import box_lam, cutmix_boxes
 from mixflow.mix.lam import apply_prob, beta_lam, per_mode
 from mixflow.mix.mixed_batch import MixedBatch
@@ -31,6 +32,9 @@ def transmix(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, num_
              pairing: str = "derangement", label_smoothing: float = 0.0, correct_lam: bool = True,
              layout: str = "auto") -> MixedBatch:
     """CutMix (or MixUp, chosen with ``1 - switch_prob``) pixels plus the boxes for the attention label."""
+    check_mix_call(x, y, num_classes, prob=prob, label_smoothing=label_smoothing, mixup_alpha=mixup_alpha,
+                   cutmix_alpha=cutmix_alpha)
+    check_fraction(switch_prob, "switch_prob")
     if not (cutmix_alpha > 0 or minmax is not None):
         raise ValueError("transmix needs cutmix_alpha > 0 or minmax: its attention label is defined on CutMix boxes")
     hd, wd = spatial_dims(x, layout)
