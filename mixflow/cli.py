@@ -53,6 +53,7 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     from mixflow.runtime.ray_session import ensure_ray
 
     spec = load_spec(args.spec, args.set)
+    _check_inputs(spec, args)  # before Ray starts: a missing shard directory or state is one line, not a cluster
     connects = not ray.is_initialized()  # this command connects this process to Ray
     embedded = ensure_ray(spec.runtime.address)  # before the handlers: ray.init sets its own SIGTERM handler
     received: list[int] = []
@@ -70,6 +71,51 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
                   f"trainer ranks left their process groups, pipeline actors killed; {where}",
                   markup=True, highlight=False)
     return 128 + signum
+
+
+def _check_inputs(spec, args: argparse.Namespace) -> None:
+    """Refuse, naming the option or field, what ``run`` would only find missing after starting Ray:
+    the ``--resume`` state file, the spec's shard directory (unless a demo set is built into it)."""
+    from pathlib import Path
+
+    from mixflow.errors import DataError
+
+    if args.resume and not Path(args.resume).is_file():
+        raise MixflowError(f"--resume: no such pipeline state file: {args.resume}")
+    shards = Path(spec.data.shards)
+    if spec.kind == "image" and not spec.data.demo:
+        if not shards.is_dir():
+            raise DataError(f"data.shards: shard directory {shards} does not exist (write shards with "
+                            "`mixflow shards`, or set data.demo)")
+        if not any(shards.glob("*.tar")) and not any(shards.glob("*.idx")):
+            raise DataError(f"data.shards: no *.tar shards in {shards}")
+    if args.resume and spec.kind == "image" and spec.trainer.entrypoint is None and any(shards.glob("*.tar")):
+        _check_state(spec, args.resume)
+    if spec.kind == "tokens" and not spec.data.machine_domains and not Path(spec.data.shards).is_dir():
+        raise DataError(f"data.shards: token shard directory {spec.data.shards} does not exist "
+                        "(write shards with `mixflow shards --text ...`, or set data.machine_domains)")
+
+
+def _resume_error(exc: ValueError, state: str) -> MixflowError:
+    message = str(exc)
+    if message.startswith("resume_from: "):
+        message = f"--resume {state}: " + message.removeprefix("resume_from: ")
+    elif message.startswith("stop_at: "):
+        message = "--stop-at: " + message.removeprefix("stop_at: ")
+    return MixflowError(message)
+
+
+def _check_state(spec, state: str) -> None:
+    """The ``--resume`` state checked against the spec and its shards (the pipeline checks it again)."""
+    from mixflow.data.bad_samples import BadSamplePolicy
+    from mixflow.data.listing import list_shards
+    from mixflow.runtime import image_checkpoint as ckpt
+
+    shards = list_shards(spec.data.shards, BadSamplePolicy(spec.on_error))
+    try:
+        ckpt.check_resumable(ckpt.load_state(state), spec, shards)
+    except ValueError as exc:
+        raise _resume_error(exc, state) from None
 
 
 def _run_spec(spec, args: argparse.Namespace, console: Console) -> int:
@@ -90,7 +136,7 @@ def _run_spec(spec, args: argparse.Namespace, console: Console) -> int:
         pipe = ImagePipeline(spec, console, show_progress=not args.no_progress, resume_from=args.resume)
         summary = pipe.run(stop_at=args.stop_at)
     except ValueError as exc:  # a state that does not fit the spec, a stop point outside the run
-        raise ConfigError([("--resume/--stop-at", str(exc))]) from None
+        raise _resume_error(exc, args.resume) from None
     summary.render(console)
     console.print(f"summary written to {escape(str(spec.run_path / 'summary.json'))}")
     if args.stop_at:
@@ -178,12 +224,34 @@ def _cmd_token_shards(args: argparse.Namespace, console: Console) -> int:
             sources[name] = machine_documents(name, max_bytes=parse_bytes(args.domain_bytes))
     for name, path in args.text or []:
         sources.setdefault(name, []).extend(read_text_inputs(path, text_field=args.jsonl_field))
-    size = parse_bytes(args.shard_size) if args.shard_size else 32 * 2**20
+    size = _shard_size(args.shard_size) or 32 * 2**20
     for name, docs in sources.items():
         for split, manifest in write_domain_splits(docs, args.out, name, args.val_fraction, max_bytes=size).items():
             console.print(f"{escape(name)}/{split}: {manifest.num_docs} documents, {manifest.num_tokens} tokens in "
                           f"{len(manifest.shards)} Parquet shards (+ manifest.json) in {escape(f'{args.out}/{name}/{split}')}")
     return 0
+
+
+def _shard_size(value: str | None) -> int | None:
+    """``--shard-size`` in bytes (None when not given); a bad value is a one-line error."""
+    if value is None:
+        return None
+    try:
+        size = parse_bytes(value)
+    except ValueError as exc:
+        raise MixflowError(f"--shard-size: {exc}") from None
+    if size <= 0:
+        raise MixflowError(f"--shard-size: must be > 0, got {value!r}")
+    return size
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mixflow")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _name_path(value: str) -> tuple[str, str]:
@@ -199,13 +267,22 @@ def _cmd_shards(args: argparse.Namespace, console: Console) -> int:
 
     if args.text_domains or args.text:
         return _cmd_token_shards(args, console)
-    size = parse_bytes(args.shard_size) if args.shard_size else None
+    size = _shard_size(args.shard_size)
     if args.demo:
         kwargs = {"num_samples": args.num_samples} if args.demo == "photos" and args.num_samples else {}
         writer = build_demo(args.demo, args.out, max_bytes=size, **kwargs)
     else:
-        writer = shards_from_folder(args.from_folder, args.out, max_bytes=size or 64 * 2**20, prefix=args.prefix)
+        writer = shards_from_folder(args.from_folder, args.out, max_bytes=size or 64 * 2**20, prefix=args.prefix,
+                                    seed=args.seed, on_error=args.on_error)
     console.print(f"wrote {writer.total_samples} samples into {len(writer.paths)} shards (+ .idx) in {escape(str(args.out))}")
+    for record in getattr(writer, "skipped", []):
+        console.print(f"[yellow]skipped[/] {escape(record.reason)}", markup=True, highlight=False)
+    if getattr(writer, "skipped", []):
+        console.print(f"{len(writer.skipped)} unreadable image(s) skipped", highlight=False)
+    if len(writer.paths) < 2:
+        console.print(f"[yellow]note:[/] {len(writer.paths)} shard: a run reads whole shards, so only one reader "
+                      "(of one rank) gets data; pass a smaller --shard-size for at least one shard per reader",
+                      markup=True, highlight=False)
     return 0
 
 
@@ -221,6 +298,7 @@ def _cmd_preview(args: argparse.Namespace, console: Console) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixflow", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mixflow {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a pipeline spec (YAML)")
     run.add_argument("spec", help="path to a pipeline spec, e.g. pipelines/digits_mixup.yaml")
@@ -256,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--out", required=True, help="output directory")
     shards.add_argument("--shard-size", help="target shard size, e.g. 64MiB")
     shards.add_argument("--prefix", default="train", help="shard file name prefix (--from-folder)")
+    shards.add_argument("--seed", type=int, default=0,
+                        help="seed of the file order (--from-folder): classes are interleaved across shards")
+    shards.add_argument("--on-error", choices=["raise", "skip"], default="raise",
+                        help="an unreadable image (--from-folder): stop naming it, or skip and count it")
     shards.add_argument("--num-samples", type=int, help="samples in the photos demo (default 1024)")
     shards.add_argument("--jsonl-field", default="text", help="text field of *.jsonl inputs (--text)")
     shards.add_argument("--domain-bytes", default="4MiB", help="text cap per machine domain (--text-domains)")
