@@ -8,12 +8,14 @@ FMix on an empty batch).
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
 
 from mixflow.mix import (METHODS, build_mixer, c_mixup, c_mixup_probs, cutmix, fmix, maskmix, mixup, mixup_cutmix,
-                         resizemix)
+                         cpu_kernels, resizemix)
 
 C = 10
 # The labelled-image methods and the parameters that make them run on a small 16x16 batch.
@@ -170,3 +172,90 @@ def test_other_methods_on_an_empty_batch_agree(fn):
     kw = {"patch_size": 4, "mask_patch": 8} if fn is maskmix else {}
     mb = fn(floats(0), torch.zeros(0, dtype=torch.long), rng(), num_classes=C, **kw)
     assert mb.x.shape == (0, 3, 16, 16) and mb.targets.shape == (0, C)
+
+
+# --------------------------------------------------------------------------- compiled kernels
+# The numba loops index raw memory. Before these checks, an ``out`` smaller than ``x`` was
+# written past its end (SIGSEGV / heap corruption) and a smaller ``base`` read past its end.
+
+
+def kernel_batch():
+    x = torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return x, torch.roll(torch.arange(16), 1), np.arange(16)
+
+
+def small_buffers(x):
+    return {"fewer samples": torch.empty(2, *x.shape[1:], dtype=x.dtype),
+            "flat and short": torch.empty(32, dtype=x.dtype),
+            "same size, other shape": torch.empty(16, 3, 32, 32, dtype=x.dtype),
+            "other dtype": torch.empty(x.shape, dtype=torch.float32)}
+
+
+@pytest.mark.parametrize("case", ["fewer samples", "flat and short", "same size, other shape", "other dtype"])
+def test_kernels_refuse_an_out_that_does_not_match_x(case):
+    x, perm, rows = kernel_batch()
+    out = small_buffers(x)[case]
+    want = re.escape(f"out must have x's shape (16, 32, 32, 3) and dtype torch.uint8, got {tuple(out.shape)}")
+    with pytest.raises(ValueError, match="blend_rows: " + want):
+        cpu_kernels.blend_rows(x, perm, np.full(16, 0.5), rows, out)
+    with pytest.raises(ValueError, match="copy_and_paste: " + want):
+        cpu_kernels.copy_and_paste(x, perm, rows, out, x, None, 1, 2)
+    with pytest.raises(ValueError, match="copy_and_paste: " + want):
+        cpu_kernels.copy_and_paste(x, perm, rows, out, x, np.array([[0, 8, 0, 8]] * 16), 1, 2)
+    with pytest.raises(ValueError, match="select_rows: " + want):
+        cpu_kernels.select_rows(x, perm, torch.zeros(1, 32, 32, dtype=torch.bool), out)
+
+
+@pytest.mark.parametrize("case", ["fewer samples", "flat and short", "other dtype"])
+def test_copy_and_paste_refuses_a_base_that_does_not_match_x(case):
+    x, perm, rows = kernel_batch()
+    base = small_buffers(x)[case]
+    with pytest.raises(ValueError, match=r"copy_and_paste: base must have x's shape \(16, 32, 32, 3\)"):
+        cpu_kernels.copy_and_paste(x, perm, rows, torch.empty_like(x), base, np.array([[0, 8, 0, 8]]), 1, 2)
+
+
+def test_kernels_refuse_strided_gpu_less_and_autograd_buffers():
+    x, perm, rows = kernel_batch()
+    strided = torch.empty(16, 32, 64, 3, dtype=torch.uint8)[:, :, ::2]
+    with pytest.raises(ValueError, match=r"blend_rows: out must be contiguous \(strides"):
+        cpu_kernels.blend_rows(x, perm, np.full(16, 0.5), rows, strided)  # a reshape would write into a copy
+    with pytest.raises(ValueError, match=r"copy_and_paste: x must be contiguous"):
+        cpu_kernels.copy_and_paste(strided, perm, rows, torch.empty_like(x), x, None, 1, 2)
+    f = torch.rand(4, 3, 8, 8)
+    with pytest.raises(ValueError, match="blend_rows: out must not require grad"):
+        cpu_kernels.blend_rows(f, torch.tensor([1, 2, 3, 0]), np.full(4, 0.5), np.arange(4),
+                               torch.empty_like(f).requires_grad_())
+    with pytest.raises(TypeError, match="blend_rows: out must be a torch.Tensor, got ndarray"):
+        cpu_kernels.blend_rows(f, torch.tensor([1, 2, 3, 0]), np.full(4, 0.5), np.arange(4), np.empty((4, 3, 8, 8)))
+    with pytest.raises(ValueError, match=r"blend_rows: x must be one of torch.uint8, torch.float32, got torch.int16"):
+        i16 = torch.zeros(4, 3, 8, 8, dtype=torch.int16)
+        cpu_kernels.blend_rows(i16, torch.tensor([1, 2, 3, 0]), np.full(4, 0.5), np.arange(4), torch.empty_like(i16))
+    with pytest.raises(ValueError, match="blend_rows: lam must be finite, got nan at sample 2"):
+        cpu_kernels.blend_rows(f, torch.tensor([1, 2, 3, 0]), np.array([0.5, 0.5, np.nan, 0.5]), np.arange(4),
+                               torch.empty_like(f))
+
+
+def test_select_rows_refuses_a_mask_that_does_not_fit():
+    x, perm, _ = kernel_batch()
+    out = torch.empty_like(x)
+    with pytest.raises(ValueError, match=r"select_rows: keep must be a bool CPU tensor \[1 or B, \*S\], got torch.float32"):
+        cpu_kernels.select_rows(x, perm, torch.zeros(1, 32, 32), out)
+    with pytest.raises(ValueError, match=r"keep of shape \(3, 32, 32\) does not fit a batch of shape \(16, 32, 32, 3\)"):
+        cpu_kernels.select_rows(x, perm, torch.zeros(3, 32, 32, dtype=torch.bool), out)
+    with pytest.raises(ValueError, match=r"keep of shape \(0, 32, 32\) does not fit"):
+        cpu_kernels.select_rows(x, perm, torch.zeros(0, 32, 32, dtype=torch.bool), out)
+
+
+def test_kernels_still_mix_when_the_buffers_match():
+    x, perm, rows = kernel_batch()
+    out = torch.empty_like(x)
+    cpu_kernels.blend_rows(x, perm, np.full(16, 0.25), rows, out)
+    want = torch.from_numpy(np.rint(np.float32(0.25) * x.numpy().astype(np.float32)
+                                    + np.float32(0.75) * x[perm].numpy().astype(np.float32)).astype(np.uint8))
+    assert torch.equal(out, want)
+    cpu_kernels.copy_and_paste(x, perm, rows, out, x, np.array([[0, 8, 0, 8]] * 16), 1, 2)
+    assert torch.equal(out[:, :8, :8], x[perm][:, :8, :8]) and torch.equal(out[:, 8:], x[:, 8:])
+    keep = torch.zeros(1, 32, 32, dtype=torch.bool)
+    keep[:, :, :16] = True
+    cpu_kernels.select_rows(x, perm, keep, out)
+    assert torch.equal(out, torch.where(keep.unsqueeze(-1), x, x[perm]))

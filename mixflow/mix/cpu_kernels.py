@@ -160,11 +160,33 @@ def _bytes(*tensors: torch.Tensor) -> list[np.ndarray]:
     return [t.detach().reshape(-1).view(torch.uint8).numpy() for t in tensors]
 
 
+def _check_batches(kernel: str, x: torch.Tensor, dtypes: tuple | None = None, **buffers: torch.Tensor) -> None:
+    """The compiled loops index raw memory and trust every size: ``x`` and each buffer (``out``,
+    ``base``) must be CPU tensors, contiguous, of ``x``'s shape and dtype (one of ``dtypes``),
+    not tracked by autograd (the loops write outside it). A smaller ``out`` would be written
+    past its end, a smaller ``base`` read past it."""
+    for name, t in (("x", x), *buffers.items()):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{kernel}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise ValueError(f"{kernel}: {name} must be on the CPU, got device {t.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{kernel}: {name} must be contiguous (strides {t.stride()} for shape {tuple(t.shape)})")
+        if t.requires_grad:
+            raise ValueError(f"{kernel}: {name} must not require grad (the kernel writes outside autograd)")
+        if name != "x" and (t.shape != x.shape or t.dtype != x.dtype):
+            raise ValueError(f"{kernel}: {name} must have x's shape {tuple(x.shape)} and dtype {x.dtype}, "
+                             f"got {tuple(t.shape)} {t.dtype}")
+    if dtypes is not None and x.dtype not in dtypes:
+        raise ValueError(f"{kernel}: x must be one of {', '.join(str(d) for d in dtypes)}, got {x.dtype}")
+
+
 def copy_and_paste(x: torch.Tensor, perm: torch.Tensor, rows: np.ndarray, out: torch.Tensor, base: torch.Tensor,
                    boxes: np.ndarray | None, hd: int, wd: int) -> None:
     """For ``i`` in ``rows``: ``out[i] = base[i]`` outside box ``i`` (y1, y2, x1, x2 over dims
     ``hd``/``wd`` of a 4-dim NHWC or NCHW batch) and ``x[perm[i]]`` inside it, each byte written
     once with memcpy; any dtype. Without boxes, whole samples of any shape are copied."""
+    _check_batches("copy_and_paste", x, out=out, base=base)
     n = len(x)
     if boxes is None:  # whole samples
         planes, height, row, boxes = 1, 1, x[0].numel(), np.zeros((n, 4), np.int64)
@@ -189,9 +211,13 @@ def copy_and_paste(x: torch.Tensor, perm: torch.Tensor, rows: np.ndarray, out: t
 def select_rows(x: torch.Tensor, perm: torch.Tensor, keep: torch.Tensor, out: torch.Tensor) -> None:
     """``out[i] = where(keep[i or 0], x[i], x[perm[i]])`` per spatial position for every sample of a
     channels-last batch; ``keep`` is bool ``[1 or B, *S]``; ``x`` and ``out`` as :func:`fits` requires."""
+    _check_batches("select_rows", x, out=out)
+    if not isinstance(keep, torch.Tensor) or keep.dtype != torch.bool or keep.device.type != "cpu" or keep.dim() < 2:
+        raise ValueError(f"select_rows: keep must be a bool CPU tensor [1 or B, *S], got "
+                         f"{getattr(keep, 'dtype', type(keep).__name__)} of shape {tuple(getattr(keep, 'shape', ()))}")
     n = len(x)
-    positions = keep[0].numel()
-    if len(keep) not in (1, n) or x[0].numel() % positions:
+    positions = keep[0].numel() if len(keep) else 0
+    if len(keep) not in (1, n) or positions == 0 or x[0].numel() % positions:
         raise ValueError(f"keep of shape {tuple(keep.shape)} does not fit a batch of shape {tuple(x.shape)}")
     partner, _ = _indices(perm, np.arange(0), n)
     src, dst = _bytes(x, out)
@@ -202,6 +228,11 @@ def select_rows(x: torch.Tensor, perm: torch.Tensor, keep: torch.Tensor, out: to
 def blend_rows(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray, rows: np.ndarray, out: torch.Tensor) -> None:
     """``out[i] = float32(lam[i])*x[i] + (1-float32(lam[i]))*x[perm[i]]`` for ``i`` in ``rows``
     (uint8 rounded half-to-even); ``x`` and ``out`` as :func:`fits` requires."""
+    _check_batches("blend_rows", x, FUSED_DTYPES, out=out)
+    finite = np.isfinite(np.asarray(lam, dtype=np.float64).reshape(-1))
+    if not finite.all():
+        i = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"blend_rows: lam must be finite, got {np.asarray(lam).reshape(-1)[i]} at sample {i}")
     n = len(x)
     w = np.ascontiguousarray(lam, dtype=np.float32).reshape(-1)
     if w.shape != (n,):
