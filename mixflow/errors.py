@@ -38,9 +38,26 @@ class DataError(MixflowError):
         where = (", ".join(parts) + ": ") if parts else ""
         super().__init__(f"{where}{reason}")
 
+    def __reduce__(self):  # pickled with its fields (Ray ships a stage's error to the driver)
+        return type(self), (self.reason, self.shard, self.key, self.offset)
+
 
 class PipelineError(MixflowError):
     """The running pipeline failed: an actor died, a rank stopped, a stage raised."""
+
+
+class PipelineDataError(PipelineError, DataError):
+    """A pipeline stage stopped on a bad sample or shard (``on_error: raise``): the stage's
+    :class:`DataError`, unwrapped from the Ray task error, with ``stage`` naming who met it. Its
+    message is the data error's one line: ``shard ..., key ...: reason``."""
+
+    def __init__(self, reason: str, shard: str | None = None, key: str | None = None,
+                 offset: int | None = None, stage: str | None = None):
+        super().__init__(reason, shard, key, offset)
+        self.stage = stage
+
+    def __reduce__(self):
+        return type(self), (self.reason, self.shard, self.key, self.offset, self.stage)
 
 
 class FeedError(MixflowError):

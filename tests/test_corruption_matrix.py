@@ -166,11 +166,16 @@ def _truncate_tar(d: Path, drop_index: bool) -> Expect:
                     offset=jpg.offset)]
     if drop_index:  # the members after the cut are unknown: the region record speaks for them
         named = f"1 indexed sample(s) lie past the end ('{keys[4]}')"
+        missing = (f"at least {jpg.offset + jpg.size - cut} bytes are missing",
+                   "the keys of any members after the cut are unknown")
     else:
         named = "4 indexed sample(s) lie past the end (" + ", ".join(repr(k) for k in keys[4:]) + ")"
+        end = max(c.offset + c.size for c in index[-1].components.values())
+        missing = (f"{end - cut} bytes of indexed data are missing",)
         records += [Want(tar.name, s.key, "component .cls is truncated (0 of 1 bytes)",
                          offset=s.components["cls"].offset) for s in index[5:]]
-    return Expect(records, set(keys[4:]), (tar.name, None, (region, named, f"offset {cut}")), at_listing=True)
+    return Expect(records, set(keys[4:]), (tar.name, None, (region, named, *missing, f"offset {cut}")),
+                  at_listing=True)
 
 
 def case_truncated_tar(d: Path) -> Expect:
@@ -208,6 +213,99 @@ def case_missing_shard(d: Path) -> Expect:
     reason = "shard file is missing (its index digits-000005.idx lists 8 samples)"
     return Expect([Want(tar.name, key, reason, None) for key in keys_of(5)], set(keys_of(5)),
                   (tar.name, keys_of(5)[0], (reason,)), at_listing=True)
+
+
+def case_zero_byte_image(d: Path) -> Expect:
+    return _payload_case(d, 0, 3, lambda c: {**c, "jpg": b""}, "image component is empty (0 bytes)")
+
+
+def case_random_bytes(d: Path) -> Expect:
+    noise = np.random.default_rng(11).integers(0, 256, 700, dtype=np.uint8).tobytes()
+    return _payload_case(d, 5, 2, lambda c: {**c, "jpg": noise}, "not a JPEG (no SOI marker)")
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def case_png_named_jpg(d: Path) -> Expect:
+    png = png_bytes(np.full((32, 32), 128, np.uint8))
+    return _payload_case(d, 0, 6, lambda c: {**c, "jpg": png}, "not a JPEG (no SOI marker); the data is a PNG image")
+
+
+def case_png_16bit(d: Path) -> Expect:
+    png = png_bytes(np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60)  # mode I;16
+    return _payload_case(d, 1, 6, lambda c: {"png": png, "cls": c["cls"]},
+                         "missing image component (.jpg); has ['cls', 'png']")
+
+
+def case_non_integer_label(d: Path) -> Expect:
+    return _payload_case(d, 4, 1, lambda c: {**c, "cls": b"seven\n"}, "label 'seven' is not an integer")
+
+
+def case_huge_header(d: Path) -> Expect:
+    """An 80x60 JPEG whose frame header claims 20000x20000: refused from the header, never decoded."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((60, 80), 90, np.uint8)).save(buf, format="JPEG")
+    data = bytearray(buf.getvalue())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (20000).to_bytes(2, "big") * 2
+    return _payload_case(d, 2, 0, lambda c: {**c, "jpg": bytes(data)},
+                         "image too large: the header announces 20000x20000 = 400000000 pixels, "
+                         "over decode.max_pixels=89478485")
+
+
+def case_uppercase_extensions(d: Path) -> Expect:
+    """``.JPG`` / ``.CLS`` are ``.jpg`` / ``.cls`` (case-insensitive, as DALI's reader): a good sample."""
+    key = keys_of(5)[6]
+    rewrite_shard(d, 5, edit_one(key, lambda c: {"JPG": c["jpg"], "CLS": c["cls"]}))
+    return Expect([], set(), None)
+
+
+def case_dangling_symlink(d: Path) -> Expect:
+    link = shard_path(d, NUM_SHARDS + 1)
+    link.symlink_to(d / "gone" / "elsewhere.tar")
+    reason = f"shard file is a dangling symlink (to {d / 'gone' / 'elsewhere.tar'}, which does not exist)"
+    return Expect([Want(link.name, None, reason, None)], set(), (link.name, None, (reason,)), at_listing=True)
+
+
+def case_adjacent_duplicate(d: Path) -> Expect:
+    """Shard 3 rewritten by another tool (no index): a second copy of one sample (other pixels)
+    follows it. The first copy arrives; the second is quarantined at listing."""
+    n, row = 3, 3
+    samples = shard_samples(d, n)
+    key = keys_of(n)[row]
+    other = samples[keys_of(n)[row + 1]]
+    tar = shard_path(d, n)
+    offset = None
+    with tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as out:
+        for k, comps in samples.items():
+            copies = [comps, other] if k == key else [comps]
+            for i, copy in enumerate(copies):
+                for ext in sorted(copy):
+                    info = tarfile.TarInfo(f"{k}.{ext}")
+                    info.size = len(copy[ext])
+                    if i == 1 and offset is None:
+                        offset = out.offset + tarfile.BLOCKSIZE
+                    out.addfile(info, io.BytesIO(copy[ext]))
+    tar.with_suffix(".idx").unlink()
+    reason = "duplicate sample key: 2 more member(s) with this key follow the sample"
+    return Expect([Want(tar.name, key, reason, None, offset)], set(), (tar.name, key, (reason, f"offset {offset}")),
+                  at_listing=True)
+
+
+def case_corrupt_index(d: Path) -> Expect:
+    idx = shard_path(d, 1).with_suffix(".idx")
+    lines = idx.read_text().splitlines()
+    fields = lines[3].split()
+    fields[1] = fields[1] + "x"
+    lines[3] = " ".join(fields)
+    idx.write_text("\n".join(lines) + "\n")
+    reason = f"index file {idx} line 4: component 1 ({fields[3]!r}): offset {fields[1]!r}"
+    return Expect([Want(idx.with_suffix(".tar").name, None, reason, None)], set(keys_of(1)),
+                  (idx.with_suffix(".tar").name, None, (reason, "must be integers")), at_listing=True)
 
 
 def photo(w: int, h: int) -> Image.Image:
@@ -262,6 +360,16 @@ IMAGE_CASES = {
     "not_a_tar": case_not_a_tar,
     "missing_shard": case_missing_shard,
     "exif_rotated": case_exif_rotated,
+    "zero_byte_image": case_zero_byte_image,
+    "random_bytes": case_random_bytes,
+    "png_named_jpg": case_png_named_jpg,
+    "png_16bit": case_png_16bit,
+    "non_integer_label": case_non_integer_label,
+    "huge_header": case_huge_header,
+    "uppercase_extensions": case_uppercase_extensions,
+    "dangling_symlink": case_dangling_symlink,
+    "adjacent_duplicate": case_adjacent_duplicate,
+    "corrupt_index": case_corrupt_index,
 }
 
 

@@ -16,6 +16,9 @@ from typing import NamedTuple
 # Start-of-frame markers carry the image size (C4 DHT, C8 JPG, CC DAC are not frames).
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _STANDALONE = {0x01, *range(0xD0, 0xD8)}
+# Other formats a mislabelled payload often is: named in the error.
+_OTHER_FORMATS = ((b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"GIF8", "a GIF image"), (b"BM", "a BMP image"),
+                  (b"RIFF", "a RIFF (WebP?) file"), (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"))
 
 
 class JpegInfo(NamedTuple):
@@ -76,7 +79,8 @@ def jpeg_header(data: bytes | memoryview) -> JpegHeader:
     buf = memoryview(data)
     n = len(buf)
     if n < 4 or buf[0] != 0xFF or buf[1] != 0xD8:
-        raise JpegError("not a JPEG (no SOI marker)")
+        kind = next((name for magic, name in _OTHER_FORMATS if bytes(buf[:len(magic)]) == magic), None)
+        raise JpegError("not a JPEG (no SOI marker)" + (f"; the data is {kind}" if kind else ""))
     tail = bytes(buf[max(0, n - 64):]).rstrip(b"\x00\r\n ")
     if not tail.endswith(b"\xff\xd9"):
         raise JpegError("truncated JPEG (no EOI marker at the end)")

@@ -73,12 +73,14 @@ def index_tar(tar_path: str | Path, index_path: str | Path) -> int:
     return len(groups)
 
 
-def tar_truncation(tar_path: str | Path, samples: list[IndexedSample]) -> DataError | None:
+def tar_truncation(tar_path: str | Path, samples: list[IndexedSample], index_built: bool = False) -> DataError | None:
     """A :class:`DataError` if the tar lacks its end-of-archive marker (it was cut short), else ``None``.
 
     The error's offset is the file size; its reason names the indexed samples whose data
-    lies past the end (each is quarantined when read) and warns that members after the
-    cut that no index lists cannot be recovered.
+    lies past the end (each is quarantined when read), how many bytes are missing, and warns
+    that members after the cut that no index lists cannot be recovered. ``index_built``: the
+    index was just built from this (truncated) tar, so no key after the cut is known at all
+    and the missing bytes are a lower bound (the cut member's announced size).
     """
     size = os.path.getsize(tar_path)
     with open(tar_path, "rb") as fh:
@@ -89,39 +91,77 @@ def tar_truncation(tar_path: str | Path, samples: list[IndexedSample]) -> DataEr
     cut = [s.key for s in samples if any(c.offset + c.size > size for c in s.components.values())]
     named = ", ".join(repr(k) for k in cut[:5]) + (", ..." if len(cut) > 5 else "")
     lost = f"{len(cut)} indexed sample(s) lie past the end ({named})" if cut else "no indexed sample lies past the end"
-    return DataError(f"tar is truncated: it ends at byte {size} without the end-of-archive marker; {lost}; "
-                     "members after the cut that the index does not list are lost", shard=str(tar_path), offset=size)
+    end = max((c.offset + c.size for s in samples for c in s.components.values()), default=0)
+    missing = max(0, end - size)
+    if index_built:
+        after = (f"at least {missing} bytes are missing (what the cut member announces); the index was built "
+                 "from the cut tar, so the keys of any members after the cut are unknown and they are lost uncounted")
+    else:
+        after = (f"{missing} bytes of indexed data are missing; "
+                 "members after the cut that the index does not list are lost")
+    return DataError(f"tar is truncated: it ends at byte {size} without the end-of-archive marker; {lost}; {after}",
+                     shard=str(tar_path), offset=size)
+
+
+def duplicate_copies(tar: Path, samples: list[IndexedSample], policy: BadSamplePolicy) -> None:
+    """Each further copy of a sample in one index line (adjacent tar members with the same key):
+    the first copy is used, the other goes through ``policy`` naming the shard, key and offset."""
+    for sample in samples:
+        if sample.duplicates:
+            names = ", ".join(c.name for c in sample.duplicates)
+            policy.handle(DataError(f"duplicate sample key: {len(sample.duplicates)} more member(s) with this key "
+                                    f"follow the sample ({names}); the first copy is used, the rest quarantined",
+                                    shard=str(tar), key=sample.key, offset=sample.duplicates[0].offset))
 
 
 def _list_shard(tar: Path, policy: BadSamplePolicy) -> ShardInfo | None:
     """One shard's info, or ``None`` (after ``policy`` recorded why) when nothing in it can be read."""
     idx = tar.with_suffix(".idx")
+    built = False
     try:
+        if not tar.exists():  # listed but gone: a dangling symlink (or deleted meanwhile)
+            unreadable = _unreadable(tar)
+            if idx.exists():
+                _missing_shard(idx, policy, unreadable)
+                return None
+            raise DataError(unreadable, shard=str(tar))
         if not idx.exists():
             if tar.stat().st_size == 0:
                 raise DataError("shard is empty (0 bytes)", shard=str(tar))
             index_tar(tar, idx)
+            built = True
         samples = read_index(idx, shard=str(tar))
         if not samples:
             raise DataError(f"shard holds no samples (index {idx.name} lists none)", shard=str(tar))
+        cut = tar_truncation(tar, samples, index_built=built)
+    except OSError as exc:
+        policy.handle(DataError(f"cannot read shard: {exc.strerror or exc}", shard=str(tar)))
+        return None
     except DataError as err:
         policy.handle(err)
         return None
-    cut = tar_truncation(tar, samples)
     if cut is not None:
         policy.handle(cut)
+    duplicate_copies(tar, samples, policy)
     return ShardInfo(str(tar), str(idx), len(samples))
 
 
-def _missing_shard(idx: Path, policy: BadSamplePolicy) -> None:
+def _unreadable(tar: Path) -> str:
+    """Why a listed shard path cannot be opened (a dangling symlink names its target)."""
+    if tar.is_symlink():
+        return f"shard file is a dangling symlink (to {os.readlink(tar)}, which does not exist)"
+    return "shard file is missing"
+
+
+def _missing_shard(idx: Path, policy: BadSamplePolicy, why: str = "shard file is missing") -> None:
     """An index without its tar: every sample it lists is lost, one error (or record) per key."""
     tar = idx.with_suffix(".tar")
     try:
         samples = read_index(idx, shard=str(tar))
     except DataError as err:
-        policy.handle(DataError(f"shard file is missing and its index is unreadable: {err.reason}", shard=str(tar)))
+        policy.handle(DataError(f"{why} and its index is unreadable: {err.reason}", shard=str(tar)))
         return
-    reason = f"shard file is missing (its index {idx.name} lists {len(samples)} samples)"
+    reason = f"{why} (its index {idx.name} lists {len(samples)} samples)"
     if not samples:
         policy.handle(DataError(reason, shard=str(tar)))
     for sample in samples:
@@ -153,6 +193,13 @@ def list_shards(directory: str | Path, policy: BadSamplePolicy | None = None) ->
         raise DataError(f"no readable shards in {directory}: all {len(tars) + len(orphans)} were skipped "
                         f"({policy.records[-1].reason})")
     return shards
+
+
+def lost_keys(records, shards: list[ShardInfo]) -> list[str]:
+    """The keys of the listing's quarantine records that no listed shard still holds: lost every
+    epoch. (A duplicate copy's record names a key whose first copy still arrives.)"""
+    held = dataset_keys(shards)
+    return sorted({r.key for r in records if r.key is not None} - held.keys())
 
 
 def dataset_keys(shards: list[ShardInfo]) -> dict[str, str]:

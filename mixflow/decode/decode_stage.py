@@ -46,13 +46,16 @@ def check_sample(raw: RawSample, num_classes: int, max_pixels: int | None = DEFA
     image = next((raw.components[e] for e in IMAGE_EXTS if e in raw.components), None)
     if image is None:
         raise DataError(f"missing image component (.jpg); has {sorted(raw.components)}", raw.shard, raw.key)
+    if not image:
+        raise DataError("image component is empty (0 bytes)", raw.shard, raw.key)
     if LABEL_EXT not in raw.components:
         raise DataError(f"missing label component (.{LABEL_EXT}); has {sorted(raw.components)}", raw.shard, raw.key)
     text = raw.components[LABEL_EXT].strip()
     try:
         label = int(text)
     except ValueError:
-        raise DataError(f"label {text[:20]!r} is not an integer", raw.shard, raw.key) from None
+        raise DataError(f"label {text[:20].decode(errors='replace')!r} is not an integer", raw.shard,
+                        raw.key) from None
     if not 0 <= label < num_classes:
         raise DataError(f"label {label} outside 0..{num_classes - 1} (data.num_classes={num_classes})",
                         raw.shard, raw.key)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ray
 
-from mixflow.errors import PipelineError
+from mixflow.errors import DataError, MixflowError, PipelineDataError, PipelineError
 
 PEER_GRACE_S = 1.0  # how long the other stages get to report once one has failed
 TEARDOWN_S = 5.0  # how long stopping waits for the ranks to leave their process groups
@@ -17,9 +17,33 @@ def _own_death(exc: Exception) -> bool:
     return isinstance(exc, ray.exceptions.RayActorError) and not isinstance(exc, ray.exceptions.RayTaskError)
 
 
+def mixflow_cause(exc: BaseException) -> MixflowError | None:
+    """The :class:`MixflowError` a Ray task error wraps (through any depth of Ray errors and
+    ``__cause__`` chains: a mixer re-raising its reader's error wraps it twice), else ``None``."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ray.exceptions.RayTaskError):
+            current = getattr(current, "cause", None) or current.__cause__
+            continue
+        if isinstance(current, MixflowError):
+            return current
+        current = current.__cause__
+    return None
+
+
 def stage_error(stage: str, exc: Exception) -> PipelineError:
-    """``"<stage> died: ..."`` when the stage's own actor is gone, ``"<stage> failed: ..."`` when it
-    raised. Ray's text follows: it names the actor class, its pid and why it ended."""
+    """What a stage's failure reads as. A stage that raised a :class:`DataError` (``on_error:
+    raise``) gives a :class:`PipelineDataError` whose one line is that error's ``shard ..., key
+    ...: reason``; another mixflow error, ``"<stage> failed: <its message>"``. Otherwise
+    ``"<stage> died: ..."`` when the stage's own actor is gone, ``"<stage> failed: ..."`` when it
+    raised, followed by Ray's text (it names the actor class, its pid and why it ended)."""
+    cause = None if _own_death(exc) else mixflow_cause(exc)
+    if isinstance(cause, DataError):
+        return PipelineDataError(cause.reason, cause.shard, cause.key, cause.offset, stage=stage)
+    if cause is not None:
+        return PipelineError(f"{stage} failed: {cause}")
     return PipelineError(f"{stage} {'died' if _own_death(exc) else 'failed'}: {exc}")
 
 
