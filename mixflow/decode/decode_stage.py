@@ -141,7 +141,7 @@ class DecodeStage:
             for shard, row in self.source.take(self.batch_size - len(good)):
                 try:
                     good.append(check_sample(self.source.read(shard, row), self.num_classes,
-                                             getattr(self.spec, "max_pixels", DEFAULT_MAX_PIXELS)))
+                                             self.spec.max_pixels))
                 except DataError as err:
                     rejected.append(err)
         return good, rejected, self.source.position

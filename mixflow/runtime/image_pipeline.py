@@ -32,7 +32,7 @@ from rich.markup import escape
 from mixflow.config import PipelineSpec
 from mixflow.data.bad_samples import BadSamplePolicy, SkipRecord, write_quarantine
 from mixflow.data.demo_sets import build_demo
-from mixflow.data.listing import ShardInfo, dataset_keys, list_shards
+from mixflow.data.listing import ShardInfo, dataset_keys, list_shards, lost_keys
 from mixflow.decode.device import resolve_decode_device
 from mixflow.runtime.batch_ring import remove_rings
 from mixflow.runtime import image_checkpoint as ckpt
@@ -158,7 +158,7 @@ class ImagePipeline:
         shards = prepare_shards(spec, self.console, listing)
         # Shard-wide losses found by the listing (records without an epoch): their keys miss every epoch.
         listed = listing.drain()
-        lost = sorted(r.key for r in listed if r.key is not None)
+        lost = lost_keys(listed, shards)
         self._shards = shards
         state = self._start_state(shards)
         if stop_at is not None and not (state["epoch"] <= stop_at[0] < spec.trainer.epochs and stop_at[1] >= 0):

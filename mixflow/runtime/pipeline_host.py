@@ -39,7 +39,7 @@ import ray
 
 from mixflow.config import PipelineSpec, TokenPipelineSpec, validate_spec
 from mixflow.data.bad_samples import BadSamplePolicy, SkipRecord, write_quarantine
-from mixflow.data.listing import dataset_keys
+from mixflow.data.listing import dataset_keys, lost_keys
 from mixflow.decode.device import resolve_decode_device
 from mixflow.runtime import image_checkpoint as ckpt
 from mixflow.runtime.batch_ring import remove_rings
@@ -137,7 +137,7 @@ class PipelineHost:
         listing = BadSamplePolicy(spec.on_error)
         shards = prepare_shards(spec, None, listing)
         self._listed = listing.drain()  # shard-wide losses: their keys miss every epoch
-        self._lost = sorted(r.key for r in self._listed if r.key is not None)
+        self._lost = lost_keys(self._listed, shards)
         self._shards = shards
         self._expected = set(dataset_keys(shards)) | set(self._lost)
         self._stream = ckpt.stream_fields(spec, shards)
