@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator,
@@ -63,10 +64,6 @@ class DecodeSpec(_Strict):
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     threads: int = Field(1, ge=1, description="DALI CPU threads per decoder actor.")
-    max_pixels: int | None = Field(
-        89_478_485, ge=1, description="Largest image (width x height, read from its header before decoding) "
-                                      "decoded; a larger one is a bad sample (on_error). PIL's MAX_IMAGE_PIXELS; "
-                                      "null: no limit.")
 
     @model_validator(mode="after")
     def _check_ranges(self) -> "DecodeSpec":
@@ -363,6 +360,17 @@ class PipelineSpec(_Strict):
                                  "with mixflow.train.mix_label_helpers)")
         return self
 
+    @model_validator(mode="after")
+    def _throttle_fits_ranks(self) -> "PipelineSpec":
+        for rank, seconds in self.trainer.throttle.items():
+            if not 0 <= rank < self.trainer.ranks:
+                raise ValueError(f"trainer.throttle: rank {rank} is outside 0..{self.trainer.ranks - 1} "
+                                 f"(trainer.ranks is {self.trainer.ranks})")
+            if not seconds >= 0 or seconds == float("inf"):
+                raise ValueError(f"trainer.throttle: rank {rank}: seconds per step must be >= 0 and finite, "
+                                 f"got {seconds}")
+        return self
+
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")
@@ -426,11 +434,20 @@ def validate_spec(raw: dict[str, Any], source: str | None = None) -> "PipelineSp
     if kind not in kinds:
         raise ConfigError([("kind", f"unknown pipeline kind {kind!r}; allowed: {', '.join(kinds)}")], source)
     model = kinds[kind]
+    strict = strict_problems(raw, model)
+    if strict:
+        raise ConfigError(strict, source)
     try:
         return model.model_validate(raw)
     except ValidationError as exc:
-        problems = [(_field_path(e["loc"]), _explain(e, model)) for e in exc.errors()]
+        problems = [_named_root(_field_path(e["loc"]), _explain(e, model)) for e in exc.errors()]
         raise ConfigError(problems, source) from None
+
+
+def _named_root(path: str, message: str) -> tuple[str, str]:
+    """A spec-wide check's ``Value error, trainer.throttle: ...`` as ``(trainer.throttle, ...)``."""
+    named = re.match(r"Value error, ([a-z_]+(?:\.[a-z_]+)+): (.*)$", message, re.DOTALL)
+    return (named[1], named[2]) if path == "<root>" and named else (path, message)
 
 
 def validate_mix(raw: dict[str, Any]) -> BaseModel:
@@ -449,10 +466,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> "Pipeline
     path = Path(path)
     if not path.is_file():
         raise ConfigError([("<file>", f"no such pipeline spec: {path}")], str(path))
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError([("<file>", f"not valid YAML: {exc}")], str(path)) from None
+    raw = load_yaml(path.read_text(), str(path)) or {}
     for item in overrides or []:
         apply_override(raw, item)
     return validate_spec(raw, str(path))
@@ -469,7 +483,104 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError([(key, f"{part} is not a section")])
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        node[parts[-1]] = yaml.load(value, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError([(f"--set {item}", f"the value {value!r} is not valid YAML "
+                                             f"({getattr(exc, 'problem', None) or exc}{at})")]) from None
+
+
+# --- strict scalars and YAML without duplicate keys -----------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (naming the
+    key and both lines) instead of silently keeping the last value."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} at line {line} (first given at line {first})",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, source: str | None = None) -> Any:
+    """Parse a spec's YAML (duplicate keys refused), or raise :class:`ConfigError` naming ``source``."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.constructor.ConstructorError as exc:
+        if exc.problem and exc.problem.startswith("duplicate key"):
+            raise ConfigError([("<file>", exc.problem)], source) from None
+        raise ConfigError([("<file>", f"not valid YAML: {exc}")], source) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([("<file>", f"not valid YAML: {exc}")], source) from None
+
+
+def _scalar_type(annotation: Any) -> type | None:
+    """``int``, ``float`` or ``bool`` when a field holds one of them (optionally None), else None."""
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _scalar_type(get_args(annotation)[0])
+    if origin in (Union, UnionType):
+        kinds = {_scalar_type(a) for a in get_args(annotation) if a is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else None
+    return annotation if annotation in (int, float, bool) else None
+
+
+def _nested_model(annotation: Any, value: Any) -> type[BaseModel] | None:
+    """The model a nested section ``value`` is validated with (a mix section: by its ``method``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if get_origin(annotation) in (Annotated, Union, UnionType) and isinstance(value, dict):
+        return MIX_SPECS.get(value.get("method")) if isinstance(value.get("method"), str) else None
+    return None
+
+
+_KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def strict_problems(raw: Any, model: type[BaseModel], path: str = "") -> list[tuple[str, str]]:
+    """``(field path, message)`` for every number or flag field of ``raw`` given with another type
+    (``batch_size: true``, ``epochs: "2"``, ``lr: "0.1"``, ``antialias: "yes"``): pydantic's lax
+    mode would convert them. Fields parsed by a ``before`` validator (byte sizes) take strings."""
+    if not isinstance(raw, dict):
+        return []
+    parsed = {f for d in model.__pydantic_decorators__.field_validators.values() if d.info.mode == "before"
+              for f in d.info.fields}
+    problems: list[tuple[str, str]] = []
+    for name, field in model.model_fields.items():
+        if name not in raw or raw[name] is None:
+            continue
+        value, where = raw[name], f"{path}.{name}" if path else name
+        kind = _scalar_type(field.annotation)
+        if kind is not None:
+            ok = (isinstance(value, bool) if kind is bool else not isinstance(value, bool) and
+                  isinstance(value, int if kind is int else (int, float)))
+            if not ok and name not in parsed:
+                problems.append((where, f"must be {_KIND_WORDS[kind]}, got {value!r} ({type(value).__name__})"))
+            continue
+        items = value if get_origin(field.annotation) is list and isinstance(value, list) else None
+        if items is not None:
+            inner = (get_args(field.annotation) or (None,))[0]
+            for i, item in enumerate(items):
+                sub = _nested_model(inner, item)
+                if sub is not None:
+                    problems += strict_problems(item, sub, f"{where}.{i}")
+        elif (sub := _nested_model(field.annotation, value)) is not None:
+            problems += strict_problems(value, sub, where)
+    return problems
 
 
 # --- token pipelines (``kind: tokens``): online data-mixture reweighting -----------------

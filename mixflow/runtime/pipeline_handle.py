@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import yaml
 
 from mixflow import errors
-from mixflow.config import PipelineSpec, TokenPipelineSpec, apply_override, validate_spec
+from mixflow.config import PipelineSpec, TokenPipelineSpec, apply_override, load_yaml, validate_spec
 from mixflow.runtime.pipeline_host import (ACTOR_PREFIX, NAMESPACE, PipelineHost, host_actor_name,
                                            resolve_paths)
 from mixflow.runtime.rank_feed import ImageFeed, TokenFeed, raise_refusal
@@ -44,10 +43,7 @@ def _raw_spec(spec: SpecLike, overrides: list[str] | None) -> tuple[dict, str | 
         path = Path(spec)
         if not path.is_file():
             raise errors.ConfigError([("<file>", f"no such pipeline spec: {path}")], str(path))
-        try:
-            raw, source = yaml.safe_load(path.read_text()) or {}, str(path)
-        except yaml.YAMLError as exc:
-            raise errors.ConfigError([("<file>", f"not valid YAML: {exc}")], str(path)) from None
+        raw, source = load_yaml(path.read_text(), str(path)) or {}, str(path)  # duplicate keys refused
     for item in overrides or []:
         apply_override(raw, item)
     return raw, source
