@@ -64,6 +64,10 @@ class DecodeSpec(_Strict):
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
     threads: int = Field(1, ge=1, description="DALI CPU threads per decoder actor.")
+    max_pixels: int | None = Field(
+        89_478_485, ge=1, description="Largest image (width x height, read from its header before decoding) "
+                                      "decoded; a larger one is a bad sample (on_error). PIL's MAX_IMAGE_PIXELS; "
+                                      "null: no limit.")
 
     @model_validator(mode="after")
     def _check_ranges(self) -> "DecodeSpec":
