@@ -17,9 +17,12 @@ from mixflow.mix.ops import blend, blend_or_paste, paste_boxes, paste_boxes_mask
 
 
 def reference_blend(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray) -> torch.Tensor:
-    """The definition: float32 ``lam*x + (1-lam)*x[perm]`` over the whole batch; integers rounded back."""
-    w = torch.as_tensor(lam, dtype=torch.float32).view(-1, *([1] * (x.dim() - 1)))
-    mixed = w * x.to(torch.float32) + (1 - w) * x[perm].to(torch.float32)
+    """The definition: float32 ``lam*x + (1-lam)*x[perm]`` over the whole batch; integers rounded back.
+    Both weights are rounded to float32 once from the float64 lam, as timm does (``float32(1-lam)``)."""
+    shape = (-1, *([1] * (x.dim() - 1)))
+    w = torch.as_tensor(lam, dtype=torch.float32).view(shape)
+    v = torch.as_tensor(1 - np.asarray(lam, dtype=np.float64), dtype=torch.float32).view(shape)
+    mixed = w * x.to(torch.float32) + v * x[perm].to(torch.float32)
     return mixed.round().to(x.dtype) if not x.dtype.is_floating_point else mixed.to(x.dtype)
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from mixflow.mix.checks import check_mix_call
+from mixflow.mix.cpu_kernels import blend_weights
 from mixflow.mix.lam import apply_prob, beta_lam
 from mixflow.mix.mixed_batch import MixedBatch
 from mixflow.mix.pairing import PAIRINGS, partner_index
@@ -128,7 +129,8 @@ def beat_sync_mixup(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, 
     perm_t = torch.as_tensor(perm, device=x.device)
     shift = torch.round(alignment_shift(first, period, known, perm_t) * sample_rate).to(torch.int64)
     partner = shift_time(x.index_select(0, perm_t), shift)
-    w = torch.as_tensor(lam, dtype=torch.float32, device=x.device).view(-1, *([1] * (x.dim() - 1)))
-    out = torch.mul(x, w.to(x.dtype)).add_(partner.mul_((1 - w).to(x.dtype)))
+    shape = (-1, *([1] * (x.dim() - 1)))
+    w, v = (torch.as_tensor(a, device=x.device).view(shape).to(x.dtype) for a in blend_weights(lam))
+    out = torch.mul(x, w).add_(partner.mul_(v))
     return MixedBatch(out, y, y[perm_t.to(y.device)], torch.as_tensor(lam, dtype=torch.float32),
                       perm_t, num_classes, label_smoothing, "beat_sync_mixup")

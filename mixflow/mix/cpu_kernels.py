@@ -8,7 +8,8 @@ pastes and binary-mask selects copy each output run once (memcpy), from the samp
 its partner, without a Python call per sample or per run.
 
 numba compiles without fast-math: no fused multiply-add and no reassociation, so
-``w*a + v*b`` is two rounded products and a rounded sum in float32, exactly what
+``w*a + v*b`` (both weights passed in, ``w = float32(lam)``, ``v = float32(1-lam)``, see
+:func:`blend_weights`) is two rounded products and a rounded sum in float32, exactly what
 torch's ``mul`` / ``add_`` give, and uint8 is rounded half-to-even (``np.rint``) like
 :func:`mixflow.mix.ops.blend`'s reference. Compiled code is cached next to this file
 (``cache=True``), so only the first process after an install compiles (about a second
@@ -226,24 +227,38 @@ def select_rows(x: torch.Tensor, perm: torch.Tensor, keep: torch.Tensor, out: to
 
 
 def blend_rows(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray, rows: np.ndarray, out: torch.Tensor) -> None:
-    """``out[i] = float32(lam[i])*x[i] + (1-float32(lam[i]))*x[perm[i]]`` for ``i`` in ``rows``
-    (uint8 rounded half-to-even); ``x`` and ``out`` as :func:`fits` requires."""
+    """``out[i] = float32(lam[i])*x[i] + float32(1-lam[i])*x[perm[i]]`` for ``i`` in ``rows``
+    (uint8 rounded half-to-even); ``x`` and ``out`` as :func:`fits` requires.
+
+    Both weights are rounded to float32 once from ``lam``'s own precision, as timm does
+    (``float32(1-lam)``, not ``1-float32(lam)``): see :func:`blend_weights`."""
     _check_batches("blend_rows", x, FUSED_DTYPES, out=out)
     finite = np.isfinite(np.asarray(lam, dtype=np.float64).reshape(-1))
     if not finite.all():
         i = int(np.flatnonzero(~finite)[0])
         raise ValueError(f"blend_rows: lam must be finite, got {np.asarray(lam).reshape(-1)[i]} at sample {i}")
     n = len(x)
-    w = np.ascontiguousarray(lam, dtype=np.float32).reshape(-1)
-    if w.shape != (n,):
+    lam = np.asarray(lam)
+    if lam.shape != (n,):
         raise ValueError(f"lam must hold one weight per sample ({n}), got shape {np.shape(lam)}")
-    v = np.float32(1) - w
+    w, v = blend_weights(lam)
     partner, rows = _indices(perm, rows, n)
     src, dst = x.detach().numpy().reshape(n, -1), out.detach().numpy().reshape(n, -1)
     kernel = _blend_uint8 if x.dtype == torch.uint8 else _blend_float32
     # Along the pairing's cycles, a sample's partner is the next sample's own input and is
     # still in cache when that sample is mixed (15% faster on a float32 batch here).
     kernel(src, partner, w, v, _cycle_order(partner, rows), dst)
+
+
+def blend_weights(lam: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(float32(lam), float32(1 - lam))``: the own and partner weights of a blend, each rounded to
+    float32 once from ``lam``'s precision (timm's ``FastCollateMixup`` multiplies the float32
+    pixels by the Python floats ``lam`` and ``1 - lam``). ``1 - float32(lam)`` can differ in the
+    last bit and turn a uint8 result that lies just below a half into the next level up."""
+    lam = np.asarray(lam)
+    lam = lam if lam.dtype in (np.float32, np.float64) else lam.astype(np.float64)
+    return (np.ascontiguousarray(lam, dtype=np.float32).reshape(-1),
+            np.ascontiguousarray(1 - lam, dtype=np.float32).reshape(-1))
 
 
 def warm_up() -> None:

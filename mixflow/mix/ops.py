@@ -1,8 +1,9 @@
 """Tensor kernels shared by the mixing methods: blend, paste boxes, or one of the two per sample.
 
 Images are ``uint8 [B, H, W, C]`` (what decoders emit) or float ``[B, C, H, W]``
-(what models eat); ``layout="auto"`` picks by dtype. uint8 is blended in float32,
-rounded half-to-even and cast back (timm's FastCollateMixup rounds with ``np.rint``).
+(what models eat); ``layout="auto"`` picks by dtype. uint8 is blended in float32 with the
+weights ``float32(lam)`` and ``float32(1-lam)`` (each rounded once, as timm does), rounded
+half-to-even and cast back (timm's FastCollateMixup rounds with ``np.rint``).
 Inputs are never modified; outputs are fresh batches, recycled from earlier calls where
 nothing refers to them any more (:mod:`mixflow.mix.buffer_pool`). On CPU, contiguous
 batches go through compiled single-pass loops (:mod:`mixflow.mix.cpu_kernels`: the blend
@@ -49,6 +50,9 @@ CHUNK_ELEMS = 1 << 19
 
 def blend(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray) -> torch.Tensor:
     """``lam*x + (1-lam)*x[perm]`` in float32 with per-sample ``lam``; uint8 is rounded back.
+
+    The weights are ``float32(lam)`` and ``float32(1-lam)``, each rounded once from ``lam``
+    (float64 here), as timm computes them: ``rint(float32(lam)*a + float32(1-lam)*b)``.
 
     Returns ``x`` itself when every lam is 1; samples with lam 1 are copied, not computed.
     Two products then a sum (no fused multiply-add), so the result equals the plain
@@ -173,7 +177,9 @@ def blend_rows(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray, rows: np.nd
     step = max(1, CHUNK_ELEMS // max(1, x[0].numel()))
     chunk = (min(step, len(rows)), *x.shape[1:])
     uniform = bool(np.all(lam[rows] == lam[rows[0]]))
-    weights = torch.as_tensor(lam, dtype=torch.float32, device=x.device)
+    own_w, partner_w = cpu_kernels.blend_weights(lam)
+    weights = torch.as_tensor(own_w, device=x.device)
+    partner_weights = torch.as_tensor(partner_w, device=x.device)
     partner = torch.empty(chunk, dtype=torch.float32, device=x.device)
     own = torch.empty(chunk, dtype=torch.float32, device=x.device)
     picked = torch.empty(chunk, dtype=x.dtype, device=x.device)
@@ -185,14 +191,15 @@ def blend_rows(x: torch.Tensor, perm: torch.Tensor, lam: np.ndarray, rows: np.nd
         consecutive = hi - lo == k
         index = slice(lo, hi) if consecutive else rows_t[s:s + k]
         w = weights[lo] if uniform else _view(weights[index], x)
+        v = partner_weights[lo] if uniform else _view(partner_weights[index], x)
         mine = x[lo:hi] if consecutive else torch.index_select(x, 0, index, out=gathered[:k])
         other = torch.index_select(x, 0, perm[index], out=picked[:k])
         if x.dtype == torch.float32:
-            mixed = torch.mul(mine, w, out=out[lo:hi] if consecutive else own[:k]).add_(other.mul_(1 - w))
+            mixed = torch.mul(mine, w, out=out[lo:hi] if consecutive else own[:k]).add_(other.mul_(v))
             if consecutive:
                 continue
         else:
-            mixed = own[:k].copy_(mine).mul_(w).add_(partner[:k].copy_(other).mul_(1 - w))
+            mixed = own[:k].copy_(mine).mul_(w).add_(partner[:k].copy_(other).mul_(v))
             if not x.dtype.is_floating_point:
                 mixed.round_()
         _store_rows(mixed, out, slice(lo, hi) if consecutive else rows[s:s + k])
