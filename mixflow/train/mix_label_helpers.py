@@ -5,7 +5,9 @@ The pipeline's methods draw every random choice and leave a plan in ``MixedBatch
 
 * TransMix (J.-N. Chen et al., CVPR 2022) — :func:`finish_transmix`: the CutMix sample's
   label weight becomes the average of the area lam and the class-attention mass outside
-  the pasted box, ``lam = ratio*lam_area + (1-ratio)*lam_attn`` (ratio 0.5).
+  the pasted box, ``lam = ratio*lam_area + (1-ratio)*lam_attn`` (ratio 0.5). ``lam_area`` is
+  ``1 - box_area/(H*W)`` of the box actually pasted, whatever the batch's ``correct_lam``
+  (as the official code computes it from the box).
 * SMMix (M. Chen et al., ICCV 2023) — :func:`apply_smmix`: pastes the partner's
   most-attended ``side x side`` token window over the sample's least-attended one
   (attention of the *unmixed* images) and returns the per-token source mask for the
@@ -90,7 +92,10 @@ def attention_lam(attn: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
 
 def transmix_lam(lam: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, int], attn: torch.Tensor,
                  grid: tuple[int, int] | None = None, ratio: float = 0.5) -> torch.Tensor:
-    """TransMix label weight of the sample's own class; samples with an empty box keep ``lam``."""
+    """TransMix label weight of the sample's own class: ``ratio*lam_area + (1-ratio)*lam_attn`` with
+    ``lam_area = 1 - box_area/(H*W)`` from ``boxes`` (not ``lam``: a batch drawn with
+    ``correct_lam=False`` carries the uncorrected Beta lam, the official code always uses the
+    box's area). Samples with an empty box (MixUp samples) keep ``lam``."""
     a = class_attention(attn)
     grid = grid or token_grid(a.shape[1], image_size)
     if grid[0] * grid[1] != a.shape[1]:
@@ -100,7 +105,10 @@ def transmix_lam(lam: torch.Tensor, boxes: torch.Tensor, image_size: tuple[int, 
     lam_attn = attention_lam(a, ~pasted)
     lam = lam.to(a.device, torch.float32)
     has_box = (boxes[:, 1] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 2])
-    return torch.where(has_box, ratio * lam + (1.0 - ratio) * lam_attn, lam)
+    h, w = image_size
+    area = ((boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2])).to(torch.float64)
+    lam_area = (1.0 - area / float(h * w)).to(torch.float32)
+    return torch.where(has_box, ratio * lam_area + (1.0 - ratio) * lam_attn, lam)
 
 
 def finish_transmix(batch: MixedBatch, attn: torch.Tensor, grid: tuple[int, int] | None = None,
