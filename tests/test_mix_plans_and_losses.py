@@ -91,11 +91,13 @@ def test_decoupled_mixup_loss_hand_computed():
 def test_rankmixup_loss_hand_computed():
     mixed = torch.tensor([[1.0, 3.0], [0.5, 0.2], [0.0, 2.45]])
     clean = torch.tensor([[2.0, 2.5], [1.0, 0.0], [2.5, 0.0]])
+    y_a, y_b = torch.tensor([0, 1, 0]), torch.tensor([1, 0, 1])  # every row mixes two classes
     # gaps: 3 - 2.5 + 0.1 = 0.6; 0.5 - 1 + 0.1 < 0; 2.45 - 2.5 + 0.1 = 0.05
-    torch.testing.assert_close(rankmixup_loss(mixed, clean), torch.tensor(0.1 * (0.6 + 0.05) / 3))
-    torch.testing.assert_close(rankmixup_loss(mixed, clean, margin=0.0, weight=1.0), torch.tensor(0.5 / 3))
+    torch.testing.assert_close(rankmixup_loss(mixed, clean, y_a, y_b), torch.tensor(0.1 * (0.6 + 0.05) / 3))
+    torch.testing.assert_close(rankmixup_loss(mixed, clean, y_a, y_b, margin=0.0, weight=1.0), torch.tensor(0.5 / 3))
+    torch.testing.assert_close(rankmixup_loss(mixed, clean, mask_same_class=False), torch.tensor(0.1 * 0.65 / 3))
     with pytest.raises(ValueError, match="3 rows but clean_logits has 2"):
-        rankmixup_loss(mixed, clean[:2])
+        rankmixup_loss(mixed, clean[:2], y_a, y_b)
 
 
 # --------------------------------------------------------------------------- TransMix

@@ -62,16 +62,35 @@ def decoupled_mixup_loss(logits: torch.Tensor, y_a: torch.Tensor, y_b: torch.Ten
     return (ce + eta * torch.where(mixed, reg, torch.zeros_like(reg))).mean()
 
 
-def rankmixup_loss(mixed_logits: torch.Tensor, clean_logits: torch.Tensor, *, margin: float = 0.1,
-                   weight: float = 0.1) -> torch.Tensor:
-    """RankMixup's mixup ranking term: Noh, Park, Lee, Kim and Ham, "RankMixup: Ranking-Based
+def rankmixup_loss(mixed_logits: torch.Tensor, clean_logits: torch.Tensor, y_a: torch.Tensor | None = None,
+                   y_b: torch.Tensor | None = None, lam: torch.Tensor | None = None, *, margin: float = 0.1,
+                   weight: float = 0.1, mask_same_class: bool = True) -> torch.Tensor:
+    """RankMixup's mixup ranking term (MRL): Noh, Park, Lee, Kim and Ham, "RankMixup: Ranking-Based
     Mixup Training for Network Calibration", ICCV 2023.
 
-    ``weight * mean(relu(max(mixed_logits[i]) - max(clean_logits[i]) + margin))``: a mixed
-    sample should be less confident than the clean sample it was made from (row ``i`` of
+    ``weight * mean_i(keep_i * relu(max(mixed_logits[i]) - max(clean_logits[i]) + margin))``: a
+    mixed sample should be less confident than the clean sample it was made from (row ``i`` of
     both). Add it to the classification loss of the clean batch.
+
+    As in the authors' code (``RankMixup_MRL``: rows whose mixed target has an entry of 1 are
+    masked), ``keep_i`` is 0 for rows that are not really mixed: a sample mixed with its own
+    class (``y_a == y_b``) or, when ``lam`` is given, one with lam 0 or 1; the mean still runs
+    over every row. This needs the pair labels ``y_a``, ``y_b`` (``MixedBatch.y_a`` / ``.y_b``);
+    ``mask_same_class=False`` ranks every row (mixflow before this masking), labels not needed.
     """
     if mixed_logits.shape[0] != clean_logits.shape[0]:
         raise ValueError(f"mixed_logits has {mixed_logits.shape[0]} rows but clean_logits has {clean_logits.shape[0]}")
-    gap = mixed_logits.max(dim=-1).values - clean_logits.max(dim=-1).values + margin
-    return weight * F.relu(gap).mean()
+    gap = F.relu(mixed_logits.max(dim=-1).values - clean_logits.max(dim=-1).values + margin)
+    if mask_same_class:
+        if y_a is None or y_b is None:
+            raise ValueError("rankmixup_loss masks samples mixed with their own class: pass y_a and y_b "
+                             "(or mask_same_class=False to rank every row)")
+        n = gap.shape[0]
+        if len(y_a) != n or len(y_b) != n or (lam is not None and lam.numel() != n):
+            raise ValueError(f"y_a, y_b (and lam) must have one entry per row ({n})")
+        same = y_a.to(gap.device) == y_b.to(gap.device)
+        if lam is not None:
+            lam_d = lam.to(gap.device).reshape(-1)
+            same = same | (lam_d == 0) | (lam_d == 1)
+        gap = torch.where(same, torch.zeros_like(gap), gap)
+    return weight * gap.mean()
