@@ -119,14 +119,14 @@ class MixupCutmixSpec(_MixCommon):
     method: Literal["mixup_cutmix"]
     mixup_alpha: float = Field(0.8, ge=0.0)
     cutmix_alpha: float = Field(1.0, ge=0.0)
-    cutmix_minmax: tuple[float, float] | None = None
+    minmax: tuple[float, float] | None = Field(None, description="CutMix box side bounds (timm cutmix_minmax).")
     switch_prob: float = Field(0.5, ge=0.0, le=1.0)
     correct_lam: bool = True
 
     @model_validator(mode="after")
     def _one_enabled(self) -> "MixupCutmixSpec":
-        if self.mixup_alpha == 0 and self.cutmix_alpha == 0 and self.cutmix_minmax is None:
-            raise ValueError("at least one of mixup_alpha, cutmix_alpha, cutmix_minmax must be enabled")
+        if self.mixup_alpha == 0 and self.cutmix_alpha == 0 and self.minmax is None:
+            raise ValueError("at least one of mixup_alpha, cutmix_alpha, minmax must be enabled")
         return self
 
 

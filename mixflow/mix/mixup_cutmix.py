@@ -3,7 +3,9 @@
 DeiT (Touvron et al., "Training data-efficient image transformers & distillation
 through attention", ICML 2021) trains with MixUp alpha 0.8 + CutMix alpha 1.0,
 switch probability 0.5, label smoothing 0.1; timm ``timm/data/mixup.py`` is the
-reference for the semantics kept here (``prob``, ``switch_prob``, ``mode``).
+reference for the semantics kept here (``prob``, ``switch_prob``, ``mode``); the box bounds
+are ``minmax`` as in :func:`mixflow.mix.cutmix.cutmix` and :func:`mixflow.mix.transmix.transmix`
+(timm's ``cutmix_minmax``; :class:`mixflow.mix.timm_mixup.Mixup` takes timm's names and defaults).
 """
 
 from __future__ import annotations
@@ -22,18 +24,18 @@ from mixflow.mix.pairing import partner_index
 
 def mixup_cutmix(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, num_classes: int,
                  mixup_alpha: float = 0.8, cutmix_alpha: float = 1.0,
-                 cutmix_minmax: tuple[float, float] | None = None, prob: float = 1.0,
+                 minmax: tuple[float, float] | None = None, prob: float = 1.0,
                  switch_prob: float = 0.5, mode: str = "batch", pairing: str = "derangement",
                  label_smoothing: float = 0.0, correct_lam: bool = True, layout: str = "auto") -> MixedBatch:
     check_mix_call(x, y, num_classes, prob=prob, label_smoothing=label_smoothing, mixup_alpha=mixup_alpha,
                    cutmix_alpha=cutmix_alpha)
     check_fraction(switch_prob, "switch_prob")
     use_mixup = mixup_alpha > 0
-    use_cutmix = cutmix_alpha > 0 or cutmix_minmax is not None
+    use_cutmix = cutmix_alpha > 0 or minmax is not None
     if use_cutmix:
         spatial_dims(x, layout)  # the layout is checked whichever method the batch draws
     if not (use_mixup or use_cutmix):
-        raise ValueError("mixup_cutmix needs mixup_alpha > 0, cutmix_alpha > 0 or cutmix_minmax")
+        raise ValueError("mixup_cutmix needs mixup_alpha > 0, cutmix_alpha > 0 or minmax")
     common = dict(num_classes=num_classes, mode=mode, pairing=pairing, label_smoothing=label_smoothing)
     if mode == "batch":
         if rng.random() >= prob:
@@ -41,7 +43,7 @@ def mixup_cutmix(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, 
         pick_cut = use_cutmix and (not use_mixup or rng.random() < switch_prob)
         if pick_cut:
             return cutmix(x, y, rng, alpha=cutmix_alpha if cutmix_alpha > 0 else 1.0, correct_lam=correct_lam,
-                          minmax=cutmix_minmax, layout=layout, **common)
+                          minmax=minmax, layout=layout, **common)
         return mixup(x, y, rng, alpha=mixup_alpha, **common)
 
     # Per element / per pair: each group picks its own method and lam.
@@ -56,8 +58,8 @@ def mixup_cutmix(x: torch.Tensor, y: torch.Tensor, rng: np.random.Generator, *, 
     lam_cut = beta_lam(cutmix_alpha, mode, perm, rng) if cutmix_alpha > 0 else np.full(len(x), 0.5)
     lam = apply_prob(np.where(cut, lam_cut, lam_mix), prob, mode, perm, rng)
     cut_lam = np.where(cut, lam, 1.0)
-    boxes = cutmix_boxes(cut_lam, h, w, rng, mode, perm, cutmix_minmax)
-    if correct_lam or cutmix_minmax is not None:
+    boxes = cutmix_boxes(cut_lam, h, w, rng, mode, perm, minmax)
+    if correct_lam or minmax is not None:
         lam = np.where(cut & (lam < 1.0), box_lam(boxes, h, w), lam)
     perm_t = torch.as_tensor(perm, device=x.device)
     out = blend_or_paste(x, perm_t, lam, boxes, cut, layout)
