@@ -89,8 +89,8 @@ def _check_inputs(spec, args: argparse.Namespace) -> None:
                             "`mixflow shards`, or set data.demo)")
         if not any(shards.glob("*.tar")) and not any(shards.glob("*.idx")):
             raise DataError(f"data.shards: no *.tar shards in {shards}")
-    if args.resume and spec.kind == "image" and spec.trainer.entrypoint is None and any(shards.glob("*.tar")):
-        _check_state(spec, args.resume)
+    if spec.kind == "image" and any(shards.glob("*.tar")):
+        _check_shards(spec, args)
     if spec.kind == "tokens" and not spec.data.machine_domains and not Path(spec.data.shards).is_dir():
         raise DataError(f"data.shards: token shard directory {spec.data.shards} does not exist "
                         "(write shards with `mixflow shards --text ...`, or set data.machine_domains)")
@@ -105,17 +105,21 @@ def _resume_error(exc: ValueError, state: str) -> MixflowError:
     return MixflowError(message)
 
 
-def _check_state(spec, state: str) -> None:
-    """The ``--resume`` state checked against the spec and its shards (the pipeline checks it again)."""
+def _check_shards(spec, args: argparse.Namespace) -> None:
+    """The image shards checked against the spec: ``data.num_classes`` against their labels, the
+    ``--resume`` state against the epoch's plan (the pipeline checks the state again)."""
     from mixflow.data.bad_samples import BadSamplePolicy
+    from mixflow.data.label_check import check_num_classes
     from mixflow.data.listing import list_shards
     from mixflow.runtime import image_checkpoint as ckpt
 
     shards = list_shards(spec.data.shards, BadSamplePolicy(spec.on_error))
-    try:
-        ckpt.check_resumable(ckpt.load_state(state), spec, shards)
-    except ValueError as exc:
-        raise _resume_error(exc, state) from None
+    check_num_classes(spec.data.shards, shards, spec.data.num_classes)
+    if args.resume and spec.trainer.entrypoint is None:
+        try:
+            ckpt.check_resumable(ckpt.load_state(args.resume), spec, shards)
+        except ValueError as exc:
+            raise _resume_error(exc, args.resume) from None
 
 
 def _run_spec(spec, args: argparse.Namespace, console: Console) -> int:

@@ -69,3 +69,16 @@ def test_run_checks_shards_and_the_resume_state_before_starting_ray(capsys, tmp_
     assert rc == 2
     assert out.replace("\n", " ").startswith(f"error: --resume {state}: the state lacks field(s) stream, epoch")
     assert _ray_started() == started  # nothing above started Ray
+
+
+def test_run_with_num_classes_smaller_than_the_labels_is_a_spec_error(capsys, tmp_path, digits_shards):
+    started = _ray_started()
+    raw = yaml.safe_load(open(_spec_file(tmp_path, digits_shards)))
+    raw["data"]["num_classes"] = 9
+    raw["on_error"] = "skip"
+    (tmp_path / "nine.yaml").write_text(yaml.safe_dump(raw))
+    rc, out = _run(capsys, "run", str(tmp_path / "nine.yaml"), "--no-progress")
+    assert rc == 2
+    assert out == (f"error: invalid pipeline spec:   data.num_classes: 9, but {digits_shards / 'classes.json'} "
+                   "says the shards hold 10 classes; set data.num_classes: 10")
+    assert _ray_started() == started
