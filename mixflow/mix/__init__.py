@@ -1,4 +1,7 @@
-"""Batch mixing methods: pure torch, no Ray. ``f(x, y, rng, **params) -> MixedBatch``."""
+"""Batch mixing methods: pure torch, no Ray. ``f(x, y, rng, **params) -> MixedBatch``.
+
+``Mixup`` and ``FastCollateMixup`` are drop-ins for timm's classes of those names (same
+signature, defaults and draws), built on the same kernels."""
 
 from mixflow.mix.beat_sync_mixup import beat_sync_mixup
 from mixflow.mix.c_mixup import c_mixup, c_mixup_probs, draw_partners
@@ -19,10 +22,13 @@ from mixflow.mix.registry import METHODS, build_mixer
 from mixflow.mix.regression_batch import RegressionMixedBatch
 from mixflow.mix.resizemix import resizemix
 from mixflow.mix.smmix import smmix
+from mixflow.mix.timm_collate import FastCollateMixup
+from mixflow.mix.timm_mixup import Mixup
 from mixflow.mix.transmix import transmix
 
 __all__ = ["MixedBatch", "mixup", "cutmix", "mixup_cutmix", "resizemix", "fmix", "sample_fmix_masks", "maskmix",
            "patch_mixing", "method_choice", "METHODS", "build_mixer",
            "transmix", "smmix", "manifold_mixup", "BoxPlan", "SideLengthPlan", "PatchMaskPlan", "LayerPlan",
            "c_mixup", "c_mixup_probs", "draw_partners", "RegressionMixedBatch",
-           "mix3d", "PointScenes", "MixedScenes", "pack_scenes", "beat_sync_mixup"]
+           "mix3d", "PointScenes", "MixedScenes", "pack_scenes", "beat_sync_mixup",
+           "Mixup", "FastCollateMixup"]
