@@ -42,3 +42,35 @@ def sample_order(shard_ids: list[int], counts: list[int], window: int, seed: int
         perm = numpy_rng(seed, epoch, "sample_shuffle", reader, w).permutation(len(rows))
         parts.append(rows[perm])
     return np.concatenate(parts).astype(np.int64) if parts else np.empty((0, 2), np.int64)
+
+
+def starved_readers(counts: list[int], ranks: int, readers_per_rank: int, seed: int,
+                    epochs: int = 1) -> dict[int, list[int]]:
+    """Epoch -> the global readers (``rank * readers_per_rank + slot``) that the seeded assignment
+    gives no sample in that epoch (too few shards, or only empty ones, for that many readers)."""
+    out: dict[int, list[int]] = {}
+    for epoch in range(epochs):
+        loads = [sum(counts[s] for s in mine) for mine in assign_shards(counts, ranks * readers_per_rank, seed, epoch)]
+        if empty := [r for r, n in enumerate(loads) if n == 0]:
+            out[epoch] = empty
+    return out
+
+
+def starved_warning(counts: list[int], ranks: int, readers_per_rank: int, seed: int, epochs: int = 1) -> str | None:
+    """A warning naming the ranks (and reader slots) that would get no data, or None when all get some."""
+    starved = starved_readers(counts, ranks, readers_per_rank, seed, epochs)
+    if not starved:
+        return None
+    k, readers = readers_per_rank, ranks * readers_per_rank
+    epoch, empty = next(iter(starved.items()))
+    empty_ranks = sorted({r // k for r in empty})
+    whole = [r for r in empty_ranks if all(r * k + s in empty for s in range(k))]
+    what = (f"rank(s) {', '.join(map(str, whole))} get no samples" if whole else
+            f"reader slot(s) {', '.join(f'{r // k}.{r % k}' for r in empty)} (rank.slot) get no samples")
+    if whole and len(whole) < len(empty_ranks):
+        what += f" and reader slot(s) {', '.join(f'{r // k}.{r % k}' for r in empty if r // k not in whole)} none"
+    usable = sum(1 for c in counts if c > 0)
+    more = f" (and {len(starved) - 1} later epoch(s))" if len(starved) > 1 else ""
+    return (f"{what} in epoch {epoch}{more}: {usable} non-empty shard(s) for {readers} reader(s) ({ranks} rank(s) "
+            f"x {k} readers_per_rank), and a reader reads whole shards; write at least {readers} shards "
+            f"(a smaller mixflow shards --shard-size)")
