@@ -8,12 +8,29 @@ import os
 import signal
 import sys
 
-from rich.console import Console
-from rich.markup import escape
-
-from mixflow.config import parse_bytes
 from mixflow.data.text_domains import MACHINE_DOMAINS
 from mixflow.errors import ConfigError, MixflowError
+
+# A core install (``pip install mixflow``) is the mixing library only: the commands need the
+# pipeline extra, and say so when one of its modules is missing instead of an ImportError traceback.
+PIPELINE_MODULES = ("ray", "nvidia", "cv2", "pyarrow", "pydantic", "yaml", "rich", "PIL", "sklearn")
+try:
+    from rich.console import Console
+    from rich.markup import escape
+
+    from mixflow.config import parse_bytes
+except ModuleNotFoundError as exc:
+    if (exc.name or "").split(".")[0] not in PIPELINE_MODULES:
+        raise
+    _MISSING: ModuleNotFoundError | None = exc
+else:
+    _MISSING = None
+
+
+def _needs_pipeline_extra(command: str, exc: ModuleNotFoundError) -> int:
+    print(f"mixflow {command}: needs the pipeline extra (module {exc.name!r} is not installed): "
+          f"pip install 'mixflow[pipeline]' (in a checkout: pip install -e '.[pipeline]')", file=sys.stderr)
+    return 2
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -53,8 +70,7 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     from mixflow.runtime.ray_session import ensure_ray
 
     spec = load_spec(args.spec, args.set)
-    for warning in _check_inputs(spec, args):  # before Ray starts: a missing shard directory or state is one line
-        console.print(f"[yellow]warning:[/] {escape(warning)}", markup=True, highlight=False)
+    _check_inputs(spec, args)  # before Ray starts: a missing shard directory or state is one line, not a cluster
     connects = not ray.is_initialized()  # this command connects this process to Ray
     embedded = ensure_ray(spec.runtime.address)  # before the handlers: ray.init sets its own SIGTERM handler
     received: list[int] = []
@@ -74,10 +90,9 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     return 128 + signum
 
 
-def _check_inputs(spec, args: argparse.Namespace) -> list[str]:
+def _check_inputs(spec, args: argparse.Namespace) -> None:
     """Refuse, naming the option or field, what ``run`` would only find missing after starting Ray:
-    the ``--resume`` state file, the spec's shard directory (unless a demo set is built into it).
-    Returns warnings: ranks or readers that the shard layout leaves without data."""
+    the ``--resume`` state file, the spec's shard directory (unless a demo set is built into it)."""
     from pathlib import Path
 
     from mixflow.errors import DataError
@@ -91,11 +106,11 @@ def _check_inputs(spec, args: argparse.Namespace) -> list[str]:
                             "`mixflow shards`, or set data.demo)")
         if not any(shards.glob("*.tar")) and not any(shards.glob("*.idx")):
             raise DataError(f"data.shards: no *.tar shards in {shards}")
-    warnings = _check_shards(spec, args) if spec.kind == "image" and any(shards.glob("*.tar")) else []
+    if spec.kind == "image" and any(shards.glob("*.tar")):
+        _check_shards(spec, args)
     if spec.kind == "tokens" and not spec.data.machine_domains and not Path(spec.data.shards).is_dir():
         raise DataError(f"data.shards: token shard directory {spec.data.shards} does not exist "
                         "(write shards with `mixflow shards --text ...`, or set data.machine_domains)")
-    return warnings
 
 
 def _resume_error(exc: ValueError, state: str) -> MixflowError:
@@ -107,14 +122,12 @@ def _resume_error(exc: ValueError, state: str) -> MixflowError:
     return MixflowError(message)
 
 
-def _check_shards(spec, args: argparse.Namespace) -> list[str]:
+def _check_shards(spec, args: argparse.Namespace) -> None:
     """The image shards checked against the spec: ``data.num_classes`` against their labels, the
-    ``--resume`` state against the epoch's plan (the pipeline checks the state again). Returns
-    the warning that some ranks or readers get no data, if they do not."""
+    ``--resume`` state against the epoch's plan (the pipeline checks the state again)."""
     from mixflow.data.bad_samples import BadSamplePolicy
     from mixflow.data.label_check import check_num_classes
     from mixflow.data.listing import list_shards
-    from mixflow.data.shard_assignment import starved_warning
     from mixflow.runtime import image_checkpoint as ckpt
 
     shards = list_shards(spec.data.shards, BadSamplePolicy(spec.on_error))
@@ -124,9 +137,6 @@ def _check_shards(spec, args: argparse.Namespace) -> list[str]:
             ckpt.check_resumable(ckpt.load_state(args.resume), spec, shards)
         except ValueError as exc:
             raise _resume_error(exc, args.resume) from None
-    starved = starved_warning([s.num_samples for s in shards], spec.trainer.ranks, spec.runtime.readers_per_rank,
-                              spec.seed, spec.trainer.epochs)
-    return [f"data.shards: {starved}"] if starved else []
 
 
 def _run_spec(spec, args: argparse.Namespace, console: Console) -> int:
@@ -371,9 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if _MISSING is not None:
+        return _needs_pipeline_extra(args.command, _MISSING)
     console = Console()
     try:
         return args.func(args, console)
+    except ModuleNotFoundError as exc:  # e.g. ray or DALI, imported by the command
+        if (exc.name or "").split(".")[0] not in PIPELINE_MODULES:
+            raise
+        return _needs_pipeline_extra(args.command, exc)
     except MixflowError as exc:
         console.print(f"[red]error:[/] {escape(str(exc))}", markup=True, highlight=False, soft_wrap=True)
         return 2
