@@ -183,12 +183,13 @@ def timm_mix_params(rng: np.random.Generator, mixup_alpha: float = MIXUP_ALPHA,
 
 
 def timm_rand_bbox(h: int, w: int, lam: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """timm ``rand_bbox``: cut ratio ``sqrt(1-lam)``, uniform centre, clipped; ``(yl, yh, xl, xh)``."""
+    """timm (>= 1.0.29) ``rand_bbox``: cut ratio ``sqrt(1-lam)``, uniform centre, rows
+    ``[cy - cut_h//2, cy + (cut_h+1)//2)`` and columns likewise, clipped; ``(yl, yh, xl, xh)``."""
     r = math.sqrt(1.0 - lam)
     cut_h, cut_w = int(h * r), int(w * r)
     cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
-    yl, yh = int(np.clip(cy - cut_h // 2, 0, h)), int(np.clip(cy + cut_h // 2, 0, h))
-    xl, xh = int(np.clip(cx - cut_w // 2, 0, w)), int(np.clip(cx + cut_w // 2, 0, w))
+    yl, yh = int(np.clip(cy - cut_h // 2, 0, h)), int(np.clip(cy + (cut_h + 1) // 2, 0, h))
+    xl, xh = int(np.clip(cx - cut_w // 2, 0, w)), int(np.clip(cx + (cut_w + 1) // 2, 0, w))
     return yl, yh, xl, xh
 
 
