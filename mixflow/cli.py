@@ -70,7 +70,8 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     from mixflow.runtime.ray_session import ensure_ray
 
     spec = load_spec(args.spec, args.set)
-    _check_inputs(spec, args)  # before Ray starts: a missing shard directory or state is one line, not a cluster
+    for warning in _check_inputs(spec, args):  # before Ray starts: a missing shard directory or state is one line
+        console.print(f"[yellow]warning:[/] {escape(warning)}", markup=True, highlight=False)
     connects = not ray.is_initialized()  # this command connects this process to Ray
     embedded = ensure_ray(spec.runtime.address)  # before the handlers: ray.init sets its own SIGTERM handler
     received: list[int] = []
@@ -90,9 +91,10 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     return 128 + signum
 
 
-def _check_inputs(spec, args: argparse.Namespace) -> None:
+def _check_inputs(spec, args: argparse.Namespace) -> list[str]:
     """Refuse, naming the option or field, what ``run`` would only find missing after starting Ray:
-    the ``--resume`` state file, the spec's shard directory (unless a demo set is built into it)."""
+    the ``--resume`` state file, the spec's shard directory (unless a demo set is built into it).
+    Returns warnings: ranks or readers that the shard layout leaves without data."""
     from pathlib import Path
 
     from mixflow.errors import DataError
@@ -106,11 +108,11 @@ def _check_inputs(spec, args: argparse.Namespace) -> None:
                             "`mixflow shards`, or set data.demo)")
         if not any(shards.glob("*.tar")) and not any(shards.glob("*.idx")):
             raise DataError(f"data.shards: no *.tar shards in {shards}")
-    if spec.kind == "image" and any(shards.glob("*.tar")):
-        _check_shards(spec, args)
+    warnings = _check_shards(spec, args) if spec.kind == "image" and any(shards.glob("*.tar")) else []
     if spec.kind == "tokens" and not spec.data.machine_domains and not Path(spec.data.shards).is_dir():
         raise DataError(f"data.shards: token shard directory {spec.data.shards} does not exist "
                         "(write shards with `mixflow shards --text ...`, or set data.machine_domains)")
+    return warnings
 
 
 def _resume_error(exc: ValueError, state: str) -> MixflowError:
@@ -122,12 +124,14 @@ def _resume_error(exc: ValueError, state: str) -> MixflowError:
     return MixflowError(message)
 
 
-def _check_shards(spec, args: argparse.Namespace) -> None:
+def _check_shards(spec, args: argparse.Namespace) -> list[str]:
     """The image shards checked against the spec: ``data.num_classes`` against their labels, the
-    ``--resume`` state against the epoch's plan (the pipeline checks the state again)."""
+    ``--resume`` state against the epoch's plan (the pipeline checks the state again). Returns
+    the warning that some ranks or readers get no data, if they do not."""
     from mixflow.data.bad_samples import BadSamplePolicy
     from mixflow.data.label_check import check_num_classes
     from mixflow.data.listing import list_shards
+    from mixflow.data.shard_assignment import starved_warning
     from mixflow.runtime import image_checkpoint as ckpt
 
     shards = list_shards(spec.data.shards, BadSamplePolicy(spec.on_error))
@@ -137,6 +141,9 @@ def _check_shards(spec, args: argparse.Namespace) -> None:
             ckpt.check_resumable(ckpt.load_state(args.resume), spec, shards)
         except ValueError as exc:
             raise _resume_error(exc, args.resume) from None
+    starved = starved_warning([s.num_samples for s in shards], spec.trainer.ranks, spec.runtime.readers_per_rank,
+                              spec.seed, spec.trainer.epochs)
+    return [f"data.shards: {starved}"] if starved else []
 
 
 def _run_spec(spec, args: argparse.Namespace, console: Console) -> int:
