@@ -221,7 +221,7 @@ def case_zero_byte_image(d: Path) -> Expect:
 
 def case_random_bytes(d: Path) -> Expect:
     noise = np.random.default_rng(11).integers(0, 256, 700, dtype=np.uint8).tobytes()
-    return _payload_case(d, 5, 2, lambda c: {**c, "jpg": noise}, "not a JPEG (no SOI marker)")
+    return _payload_case(d, 0, 7, lambda c: {**c, "jpg": noise}, "not a JPEG (no SOI marker)")
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -259,8 +259,8 @@ def case_huge_header(d: Path) -> Expect:
 
 def case_uppercase_extensions(d: Path) -> Expect:
     """``.JPG`` / ``.CLS`` are ``.jpg`` / ``.cls`` (case-insensitive, as DALI's reader): a good sample."""
-    key = keys_of(5)[6]
-    rewrite_shard(d, 5, edit_one(key, lambda c: {"JPG": c["jpg"], "CLS": c["cls"]}))
+    key = keys_of(2)[7]
+    rewrite_shard(d, 2, edit_one(key, lambda c: {"JPG": c["jpg"], "CLS": c["cls"]}))
     return Expect([], set(), None)
 
 
@@ -526,8 +526,12 @@ def test_an_all_bad_last_batch_is_still_quarantined(clean, tmp_path):
 # --------------------------------------------------------------------------- image cases, Ray pipeline
 
 
+# Each damages its own shard rows (non_integer_label before truncated_tar, which cuts the same shard;
+# adjacent_duplicate after the other shard-3 cases, which it keeps); corrupt_index drops shard 1 (stage level only).
 ALL_STREAM_AND_SHARD_CASES = ("truncated_jpeg", "not_an_image", "dali_rejects", "missing_cls", "label_out_of_range",
-                              "truncated_tar", "empty_file", "missing_shard", "exif_rotated")
+                              "non_integer_label", "truncated_tar", "empty_file", "missing_shard", "exif_rotated",
+                              "zero_byte_image", "random_bytes", "png_named_jpg", "png_16bit", "huge_header",
+                              "uppercase_extensions", "dangling_symlink", "adjacent_duplicate")
 
 
 def test_pipeline_skip_quarantines_every_case_and_delivers_the_rest(ray_session, clean, tmp_path):
@@ -553,18 +557,79 @@ def test_pipeline_skip_quarantines_every_case_and_delivers_the_rest(ray_session,
     assert saved["skipped"] == len(lines)
 
 
+# Under raise, the stream cases stop the 2-rank pipeline from inside a mixer (the fused reader):
+# a header check, a label check and a DALI failure (the Ray task error is unwrapped).
+PIPELINE_RAISE_CASES = ("truncated_jpeg", "png_named_jpg", "missing_cls", "dali_rejects")
+
+
 @pytest.mark.timeout(300)  # stops with the error, never hangs
-def test_pipeline_raise_stops_with_shard_key_and_reason(ray_session, clean, tmp_path):
+@pytest.mark.parametrize("case", PIPELINE_RAISE_CASES)
+def test_pipeline_raise_stops_with_shard_key_and_reason(ray_session, clean, tmp_path, case):
     from mixflow.runtime.image_pipeline import ImagePipeline
 
-    directory, (expect,) = damaged_copy(clean, tmp_path, "label_out_of_range")
+    directory, (expect,) = damaged_copy(clean, tmp_path, case)
     shard, key, parts = expect.raised
     spec = make_spec(directory, tmp_path, on_error="raise", mix={"method": "none"},
-                     trainer={"ranks": 1, "batch_size": 8})
+                     trainer={"ranks": 2, "batch_size": 8})
     with pytest.raises(PipelineError) as err:
         ImagePipeline(spec, show_progress=False).run()
     msg = str(err.value)
-    assert f"shard {directory / shard}, key {key!r}: {parts[0]}" in msg
+    assert isinstance(err.value, DataError) and err.value.stage in ("mixer r0", "mixer r1"), msg
+    assert (err.value.shard, err.value.key) == (str(directory / shard), key)
+    assert msg.startswith(f"shard {directory / shard}, key {key!r}: {parts[0]}"), msg
+    assert "\n" not in msg and "ray::" not in msg and "Traceback" not in msg
+
+
+def test_stage_error_unwraps_nested_ray_task_errors():
+    """A mixer re-raising its reader's error wraps the DataError twice; the stage error is its one line."""
+    import ray
+
+    from mixflow.errors import PipelineDataError
+    from mixflow.runtime.stage_failure import stage_error
+
+    data = DataError("DALI could not decode the image: [/opt/dali/dali/util/crop_window.h:91] bad", "s.tar", "k")
+    inner = ray.exceptions.RayTaskError("DecoderActor.batch", "Traceback (most recent call last): ...", data)
+    outer = ray.exceptions.RayTaskError("MixerActor.run", "Traceback ...\n  ^^^^", inner.as_instanceof_cause())
+    err = stage_error("mixer r1", outer.as_instanceof_cause())
+    assert isinstance(err, PipelineDataError) and isinstance(err, DataError)
+    assert str(err) == "shard s.tar, key 'k': DALI could not decode the image: [/opt/dali/dali/util/crop_window.h:91] bad"
+    assert (err.shard, err.key, err.stage) == ("s.tar", "k", "mixer r1")
+    other = stage_error("mixer r0", ray.exceptions.RayTaskError("MixerActor.run", "tb", PipelineError("reader gone")))
+    assert str(other) == "mixer r0 failed: reader gone"
+
+
+@pytest.mark.timeout(300)
+def test_cli_run_raise_exits_2_with_one_line(clean, tmp_path):
+    """``mixflow run`` under raise: exit status 2 and one line naming shard, key and reason (the key
+    and the shard path hold rich markup, printed verbatim), no traceback."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    directory = tmp_path / "shards[/closing]"
+    shutil.copytree(clean[0], directory)
+    samples = shard_samples(directory, 3)
+    bad = "[bold]digit00026[red]"
+    scratch = directory / "scratch"
+    with ShardWriter(scratch, "one") as writer:
+        for k, comps in samples.items():
+            writer.write(bad if k == "digit00026" else k, {**comps, "cls": b"42"} if k == "digit00026" else comps)
+    shutil.move(scratch / "one-000000.tar", shard_path(directory, 3))
+    shutil.move(scratch / "one-000000.idx", shard_path(directory, 3).with_suffix(".idx"))
+    spec = {"name": "raise-cli", "seed": 7, "run_dir": str(tmp_path / "run"), "on_error": "raise",
+            "data": {"shards": str(directory), "num_classes": 10}, "decode": {"size": [24, 24]},
+            "mix": {"method": "none"}, "channel": {"max_items": 4, "max_bytes": "1MiB"},
+            "trainer": {"ranks": 2, "epochs": 1, "batch_size": 8, "model": "none"}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    proc = subprocess.run([sys.executable, "-m", "mixflow.cli", "run", str(tmp_path / "spec.yaml"), "--no-progress"],
+                          capture_output=True, text=True, timeout=280,
+                          env={**os.environ, "RAY_DEDUP_LOGS": "0", "COLUMNS": "80"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    want = (f"error: shard {shard_path(directory, 3)}, key {bad!r}: label 42 outside 0..9 "
+            "(data.num_classes=10)\n")
+    assert proc.stdout == want, proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr, proc.stderr
 
 
 # --------------------------------------------------------------------------- token cases
