@@ -296,6 +296,21 @@ def case_adjacent_duplicate(d: Path) -> Expect:
                   at_listing=True)
 
 
+def case_duplicate_across_shards(d: Path) -> Expect:
+    """An extra shard holds another copy (other pixels and label) of a key of shard 2: the first
+    copy (shard 2) arrives; the later one is quarantined at listing and never read."""
+    key = keys_of(2)[1]
+    other = shard_samples(d, 0)[keys_of(0)[0]]
+    extra = shard_path(d, NUM_SHARDS + 2)
+    with ShardWriter(d / "scratch", "one") as writer:
+        writer.write(key, other)
+    shutil.move(d / "scratch" / "one-000000.tar", extra)
+    shutil.move(d / "scratch" / "one-000000.idx", extra.with_suffix(".idx"))
+    (d / "scratch").rmdir()
+    reason = f"duplicate sample key (also in {shard_path(d, 2)} at index row 2): the first copy is used"
+    return Expect([Want(extra.name, key, reason, None)], set(), (extra.name, key, (reason,)), at_listing=True)
+
+
 def case_corrupt_index(d: Path) -> Expect:
     idx = shard_path(d, 1).with_suffix(".idx")
     lines = idx.read_text().splitlines()
@@ -370,6 +385,7 @@ IMAGE_CASES = {
     "dangling_symlink": case_dangling_symlink,
     "adjacent_duplicate": case_adjacent_duplicate,
     "corrupt_index": case_corrupt_index,
+    "duplicate_across_shards": case_duplicate_across_shards,
 }
 
 
@@ -531,7 +547,8 @@ def test_an_all_bad_last_batch_is_still_quarantined(clean, tmp_path):
 ALL_STREAM_AND_SHARD_CASES = ("truncated_jpeg", "not_an_image", "dali_rejects", "missing_cls", "label_out_of_range",
                               "non_integer_label", "truncated_tar", "empty_file", "missing_shard", "exif_rotated",
                               "zero_byte_image", "random_bytes", "png_named_jpg", "png_16bit", "huge_header",
-                              "uppercase_extensions", "dangling_symlink", "adjacent_duplicate")
+                              "uppercase_extensions", "dangling_symlink", "adjacent_duplicate",
+                              "duplicate_across_shards")
 
 
 def test_pipeline_skip_quarantines_every_case_and_delivers_the_rest(ray_session, clean, tmp_path):

@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 from wds2idx import IndexCreator
 
+from mixflow.data.bad_samples import BadSamplePolicy
 from mixflow.data.demo_sets import build_demo
 from mixflow.data.image_folder import shards_from_folder
 from mixflow.data.listing import dataset_keys, index_tar, list_shards
@@ -242,13 +243,17 @@ def test_dataset_keys_and_duplicates(tmp_path):
     with ShardWriter(tmp_path, "zz") as other:
         other.write("fresh", {"cls": b"1"})
         other.write("k2", {"cls": b"1"})
-    shards = list_shards(tmp_path)
-    with pytest.raises(DataError) as exc:
-        dataset_keys(shards)
+    with pytest.raises(DataError) as exc:  # the listing finds it (raise: the default policy)
+        list_shards(tmp_path)
     msg = str(exc.value)
     assert str(a.paths[0]) in msg and str(other.paths[0]) in msg
     assert "'k2'" in msg and "duplicate" in msg
     assert exc.value.key == "k2"
+    policy = BadSamplePolicy("skip")  # skip: the later copy is quarantined and never read
+    shards = list_shards(tmp_path, policy)
+    assert [(r.shard, r.key) for r in policy.records] == [(str(other.paths[0]), "k2")]
+    assert [s.skip_rows for s in shards] == [(), (1,)]
+    assert dataset_keys(shards) == {**keys, "fresh": str(other.paths[0])}
 
 
 # --------------------------------------------------------------------------- assignment

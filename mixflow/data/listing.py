@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mixflow.data.bad_samples import BadSamplePolicy
@@ -29,6 +29,8 @@ class ShardInfo:
     path: str
     index_path: str
     num_samples: int
+    # rows never delivered: later copies of a key an earlier row already holds (quarantined at listing)
+    skip_rows: tuple[int, ...] = ()
 
 
 def _scan_tar(tar_path: str | Path) -> list[list[Component]]:
@@ -192,7 +194,30 @@ def list_shards(directory: str | Path, policy: BadSamplePolicy | None = None) ->
     if not shards:
         raise DataError(f"no readable shards in {directory}: all {len(tars) + len(orphans)} were skipped "
                         f"({policy.records[-1].reason})")
-    return shards
+    return _drop_duplicate_keys(shards, policy)
+
+
+def _drop_duplicate_keys(shards: list[ShardInfo], policy: BadSamplePolicy) -> list[ShardInfo]:
+    """A key on more than one index row (in two shards, or twice in one): the first row (in shard
+    name order) is used; every later one goes through ``policy`` and, when skipped, into its
+    shard's ``skip_rows`` so no reader delivers it."""
+    first: dict[str, tuple[str, int]] = {}
+    out = []
+    for shard in shards:
+        skip = []
+        for row, sample in enumerate(read_index(shard.index_path, shard=shard.path)):
+            if sample.key not in first:
+                first[sample.key] = (shard.path, row)
+                continue
+            where, at = first[sample.key]
+            also = f"also in {where}" if where != shard.path else "also"
+            offset = min((c.offset for c in sample.components.values()), default=None)
+            policy.handle(DataError(f"duplicate sample key ({also} at index row {at + 1}): the first copy is "
+                                    f"used, this one (row {row + 1}) is quarantined", shard=shard.path,
+                                    key=sample.key, offset=offset))
+            skip.append(row)
+        out.append(replace(shard, skip_rows=tuple(skip)) if skip else shard)
+    return out
 
 
 def lost_keys(records, shards: list[ShardInfo]) -> list[str]:
@@ -206,7 +231,10 @@ def dataset_keys(shards: list[ShardInfo]) -> dict[str, str]:
     """Every sample key -> its shard. Duplicate keys are an error naming both shards."""
     keys: dict[str, str] = {}
     for shard in shards:
-        for sample in read_index(shard.index_path, shard=shard.path):
+        skip = set(shard.skip_rows)
+        for row, sample in enumerate(read_index(shard.index_path, shard=shard.path)):
+            if row in skip:  # a duplicate copy quarantined by the listing
+                continue
             if sample.key in keys:
                 raise DataError(f"duplicate sample key (also in {keys[sample.key]})",
                                 shard=shard.path, key=sample.key)

@@ -96,6 +96,7 @@ class DecodeStage:
                  batch_size: int, num_classes: int, seed: int = 0, shuffle_window: int = 4,
                  on_error: str = "raise", device: str = "cpu", epoch_orders: dict[int, np.ndarray] | None = None):
         self.source = WebDatasetSource(shards, reader, num_readers, seed, shuffle_window)
+        self._skip_rows = [frozenset(s.skip_rows) for s in shards]
         self.spec = spec
         self.batch_size = batch_size
         self.num_classes = num_classes
@@ -139,6 +140,8 @@ class DecodeStage:
         rejected: list[DataError] = []
         while len(good) < self.batch_size and self.source.remaining:
             for shard, row in self.source.take(self.batch_size - len(good)):
+                if row in self._skip_rows[shard]:  # a duplicate copy: quarantined once, by the listing
+                    continue
                 try:
                     good.append(check_sample(self.source.read(shard, row), self.num_classes,
                                              self.spec.max_pixels))
