@@ -343,7 +343,10 @@ def skipped_records(state: dict) -> list[SkipRecord]:
 def delivered_before(state: dict, shards: list[ShardInfo]) -> list[str]:
     """Keys of the state's epoch that trainers received before the state (quarantined ones excluded)."""
     bad = {r.key for r in skipped_records(state)}
-    return [k for k in rows_to_keys(shards, consumed_rows(state, shards)) if k not in bad]
+    skip = {(i, r) for i, s in enumerate(shards) for r in s.skip_rows}  # duplicate copies: never delivered
+    rows = np.array([row for row in consumed_rows(state, shards) if (int(row[0]), int(row[1])) not in skip],
+                    np.int64).reshape(-1, 2)
+    return [k for k in rows_to_keys(shards, rows) if k not in bad]
 
 
 def fresh_position(epoch: int) -> dict:
