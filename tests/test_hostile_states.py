@@ -117,7 +117,7 @@ def test_inconsistent_positions_name_the_field(setup):
 def test_bad_state_fields_are_named(setup):
     spec, shards, state = setup
     assert _refused({**state, "ranks": 3}, spec, shards) == "resume_from: rank_states: must hold 3 entries, got 2"
-    assert _refused({**state, "ranks": 0}, spec, shards) == "resume_from: ranks: 0 must be >= 1"
+    assert _refused({**state, "ranks": 0}, spec, shards) == "resume_from: ranks: 0 is outside 1..4096"
     assert _refused({**state, "epoch": -1}, spec, shards) == "resume_from: epoch: -1 must be >= 0"
     assert _refused({**state, "readers_per_rank": "2"}, spec, shards) == (
         "resume_from: readers_per_rank: must be an integer, got '2'")
@@ -162,3 +162,11 @@ def test_feed_positions_are_checked_with_the_same_rules(setup):
         ckpt.validate_feed_position({"step": 0}, stream, 1, 2, 2)
     with pytest.raises(ValueError, match=r"^load_state_dict: skipped\[0\]: must be a quarantine record"):
         ckpt.validate_records([3], "skipped", prefix="load_state_dict")
+
+
+def test_absurd_reader_counts_are_refused_before_any_planning(setup):
+    spec, shards, state = setup
+    assert _refused({**state, "readers_per_rank": 10**9}, spec, shards) == (
+        "resume_from: readers_per_rank: 1000000000 is outside 1..2048")
+    assert _refused({**state, "cuts": [{"readers": 10**9, "consumed": []}]}, spec, shards) == (
+        "resume_from: cuts[0].readers: 1000000000 is outside 1..4096")

@@ -63,6 +63,7 @@ def differences(saved, current, path: str = "") -> list[str]:
     return [] if saved == current else [f"{path} (state: {saved!r}, spec: {current!r})"]
 
 
+MAX_READERS = 4096  # readers (ranks x readers_per_rank) a state may name, or the shard count when more
 STATE_FIELDS = ("stream", "epoch", "ranks", "readers_per_rank", "cuts", "skipped_before_cuts", "rank_states")
 RECORD_FIELDS = {"shard": (str, type(None)), "key": (str, type(None)), "reason": (str,),
                  "offset": (int, type(None)), "epoch": (int, type(None))}
@@ -235,14 +236,15 @@ def validate_state(state, spec: PipelineSpec, shards: list[ShardInfo]) -> None:
     if epoch >= spec.trainer.epochs:
         raise ValueError(f"resume_from: the state is at epoch {state['epoch']} but trainer.epochs is "
                          f"{spec.trainer.epochs}; nothing is left to run")
-    ranks = _integer(state["ranks"], "ranks", 1)
-    k = _integer(state["readers_per_rank"], "readers_per_rank", 1)
+    most = max(MAX_READERS, len(shards))  # more readers than that is no state a run saved (and costly to plan)
+    ranks = _integer(state["ranks"], "ranks", 1, most)
+    k = _integer(state["readers_per_rank"], "readers_per_rank", 1, most // ranks)
     stream = state["stream"]
     cuts = _list(state["cuts"], "cuts")
     for i, cut in enumerate(cuts):
         if not isinstance(cut, dict) or set(cut) != {"readers", "consumed"}:
             _refuse(f"cuts[{i}]", f"must be an object with readers and consumed, got {cut!r}")
-        readers = _integer(cut["readers"], f"cuts[{i}].readers", 1)
+        readers = _integer(cut["readers"], f"cuts[{i}].readers", 1, most)
         rows = _rows_of_stream(stream, epoch, readers, cuts[:i])
         for r, value in enumerate(_list(cut["consumed"], f"cuts[{i}].consumed", readers)):
             _integer(value, f"cuts[{i}].consumed[{r}]", 0, len(rows[r]))
