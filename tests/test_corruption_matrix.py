@@ -40,6 +40,9 @@ PER_SHARD = 8
 NUM_SHARDS = 6
 # Full-image windows, no flip: a key's pixels do not depend on which batch it lands in.
 WHOLE = DecodeSpec(size=(32, 32), scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_prob=0.0)
+# decode.verify: PIL decodes each payload first, so garbage behind a valid header is found (off by default).
+VERIFIED = WHOLE.model_copy(update={"verify": True})
+VERIFY_CASES = {"garbage_entropy"}
 
 
 def digit_samples() -> dict[str, dict[str, bytes]]:
@@ -311,6 +314,20 @@ def case_duplicate_across_shards(d: Path) -> Expect:
     return Expect([Want(extra.name, key, reason, None)], set(), (extra.name, key, (reason,)), at_listing=True)
 
 
+def garbage_scan(jpeg: bytes, seed: int = 5) -> bytes:
+    """The JPEG's headers (valid) with random bytes for its entropy-coded data, then EOI."""
+    sos = jpeg.index(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(jpeg[sos + 2:sos + 4], "big")
+    noise = np.random.default_rng(seed).integers(0, 256, len(jpeg) - start - 2, dtype=np.uint8).tobytes()
+    return jpeg[:start] + noise + b"\xff\xd9"
+
+
+def case_garbage_entropy(d: Path) -> Expect:
+    """Valid header, random scan data: DALI would decode it into noise silently; decode.verify finds it."""
+    return _payload_case(d, 4, 0, lambda c: {**c, "jpg": garbage_scan(c["jpg"])},
+                         "corrupt JPEG data: PIL's decoder fails (")
+
+
 def case_corrupt_index(d: Path) -> Expect:
     idx = shard_path(d, 1).with_suffix(".idx")
     lines = idx.read_text().splitlines()
@@ -386,6 +403,7 @@ IMAGE_CASES = {
     "adjacent_duplicate": case_adjacent_duplicate,
     "corrupt_index": case_corrupt_index,
     "duplicate_across_shards": case_duplicate_across_shards,
+    "garbage_entropy": case_garbage_entropy,
 }
 
 
@@ -409,11 +427,11 @@ def damaged_copy(clean, tmp_path: Path, *cases: str) -> tuple[Path, list[Expect]
     return copy, [IMAGE_CASES[c](copy) for c in cases]
 
 
-def run_stage(directory: Path, on_error: str, batch_size: int = 16):
+def run_stage(directory: Path, on_error: str, batch_size: int = 16, spec: DecodeSpec = WHOLE):
     """List and decode one epoch with one reader: ``({key: (label, image)}, records)``."""
     listing = BadSamplePolicy(on_error)
     shards = list_shards(directory, listing)
-    stage = DecodeStage(shards, 0, 1, WHOLE, batch_size, num_classes=10, seed=3, on_error=on_error)
+    stage = DecodeStage(shards, 0, 1, spec, batch_size, num_classes=10, seed=3, on_error=on_error)
     delivered: dict[str, tuple[int, np.ndarray]] = {}
     records = listing.drain()
     while (batch := stage.next_batch()) is not None:
@@ -468,7 +486,7 @@ def assert_good_arrive(delivered: dict, clean, expects: list[Expect]) -> None:
 @pytest.mark.parametrize("case", IMAGE_CASES)
 def test_image_case_skip_quarantines_and_keeps_every_good_sample(clean, tmp_path, case):
     directory, expects = damaged_copy(clean, tmp_path, case)
-    delivered, records = run_stage(directory, "skip")
+    delivered, records = run_stage(directory, "skip", spec=VERIFIED if case in VERIFY_CASES else WHOLE)
     assert_records(records, expects, directory)
     assert_good_arrive(delivered, clean, expects)
 
@@ -487,7 +505,7 @@ def test_image_case_raise_names_shard_key_and_reason(clean, tmp_path, case):
             list_shards(directory, BadSamplePolicy("raise"))
     else:
         with pytest.raises(DataError) as err:
-            run_stage(directory, "raise")
+            run_stage(directory, "raise", spec=VERIFIED if case in VERIFY_CASES else WHOLE)
     msg = str(err.value)
     assert err.value.shard == str(directory / shard)
     assert err.value.key == key
@@ -788,3 +806,27 @@ def test_summary_prints_keys_and_names_verbatim():
     summary.render(console)
     out = console.file.getvalue()
     assert "run [/x]: 1 samples" in out and "1 missing (e.g. [/k])" in out
+
+
+def test_garbage_entropy_passes_silently_without_verify(clean, tmp_path):
+    """Why decode.verify exists: without it DALI decodes the garbage scan into noise, no error."""
+    directory, (expect,) = damaged_copy(clean, tmp_path, "garbage_entropy")
+    (key,) = expect.lost
+    delivered, records = run_stage(directory, "raise")
+    assert records == [] and key in delivered
+    assert np.abs(delivered[key][1].astype(int) - clean[2][key][1]).mean() > 10
+
+
+def test_verify_keeps_every_good_pixel(clean):
+    """decode.verify changes nothing for good JPEGs: same keys, same pixels."""
+    delivered, records = run_stage(clean[0], "raise", spec=VERIFIED)
+    assert records == []
+    assert_good_arrive(delivered, clean, [])
+
+
+def test_max_pixels_is_configurable(clean):
+    """decode.max_pixels below the digits' 32x32: every sample is refused from its header."""
+    delivered, records = run_stage(clean[0], "skip", spec=WHOLE.model_copy(update={"max_pixels": 1000}))
+    assert delivered == {} and len(records) == len(clean[1])
+    assert all(r.reason.startswith("image too large: the header announces 32x32 = 1024 pixels, over "
+                                   "decode.max_pixels=1000") for r in records)
