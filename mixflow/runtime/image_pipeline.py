@@ -211,7 +211,7 @@ class ImagePipeline:
             raise
         self._stop()
         summary = RunSummary(spec.name, device, startup_s, wall_s, sum(r.samples for r in ranks),
-                             ranks, ledgers, len(skipped), peaks)
+                             ranks, ledgers, len(skipped), peaks, sum(1 for r in skipped if r.key is None))
         summary.save(run_dir / "summary.json")
         if skipped:
             write_quarantine(run_dir / "quarantine.jsonl", skipped)
