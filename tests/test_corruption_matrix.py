@@ -581,6 +581,7 @@ def test_pipeline_skip_quarantines_every_case_and_delivers_the_rest(ray_session,
     records = [SkipRecord(**rec) for rec in lines]
     assert_records(records, expects, directory)
     assert summary.skipped == len(lines) == sum(len(e.records) for e in expects)
+    assert summary.shard_wide == sum(w.key is None for e in expects for w in e.records) > 0
     (ledger,) = summary.ledgers
     lost = set().union(*(e.lost for e in expects))
     assert ledger.exactly_once, ledger.describe()
@@ -589,7 +590,7 @@ def test_pipeline_skip_quarantines_every_case_and_delivers_the_rest(ray_session,
     delivered = [k for digests in pipe.digests.values() for step in digests for k in step[1]]
     assert sorted(delivered) == sorted(set(clean[1]) - lost)
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert saved["skipped"] == len(lines)
+    assert saved["skipped"] == len(lines) and saved["shard_wide"] == summary.shard_wide
 
 
 # Under raise, the stream cases stop the 2-rank pipeline from inside a mixer (the fused reader):

@@ -49,6 +49,9 @@ class RunSummary:
     ledgers: list[EpochLedger]
     skipped: int
     channel_peaks: list[dict]
+    # quarantine records without a key: shard regions whose samples are not known one by one (a tar
+    # cut short without an index, an unreadable shard): what they held is lost uncounted by the ledger
+    shard_wide: int = 0
 
     @property
     def throughput(self) -> float:
@@ -87,3 +90,6 @@ class RunSummary:
             console.print(f"[{style}]ledger {escape(ledger.describe())}[/]")
         if self.skipped:
             console.print(f"[yellow]{self.skipped} bad samples skipped (see quarantine.jsonl)[/]")
+        if self.shard_wide:
+            console.print(f"[yellow]{self.shard_wide} shard-wide loss(es) whose sample keys are unknown (truncated "
+                          "or unreadable shards; see quarantine.jsonl): the ledger cannot count what they held[/]")
