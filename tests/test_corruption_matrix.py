@@ -616,6 +616,22 @@ def test_pipeline_raise_stops_with_shard_key_and_reason(ray_session, clean, tmp_
     assert "\n" not in msg and "ray::" not in msg and "Traceback" not in msg
 
 
+@pytest.mark.parametrize("case", ("corrupt_index", "dangling_symlink", "adjacent_duplicate",
+                                  "duplicate_across_shards", "truncated_tar_without_index"))
+def test_pipeline_raise_at_listing_names_shard_and_reason(ray_session, clean, tmp_path, case):
+    """Shard-level problems stop ``run`` before any actor starts, with the listing's one-line DataError
+    (a corrupt index names the index file and line, not a spec field)."""
+    from mixflow.runtime.image_pipeline import ImagePipeline
+
+    directory, (expect,) = damaged_copy(clean, tmp_path, case)
+    shard, key, parts = expect.raised
+    spec = make_spec(directory, tmp_path, on_error="raise", mix={"method": "none"}, trainer={"batch_size": 8})
+    with pytest.raises(DataError) as err:
+        ImagePipeline(spec, show_progress=False).run()
+    assert (err.value.shard, err.value.key) == (str(directory / shard), key)
+    assert all(part in str(err.value) for part in parts) and "\n" not in str(err.value)
+
+
 def test_stage_error_unwraps_nested_ray_task_errors():
     """A mixer re-raising its reader's error wraps the DataError twice; the stage error is its one line."""
     import ray
