@@ -126,7 +126,7 @@ class TokenRunSummary:
         final_p = self.trajectory[-1]["p"]
         losses = zip(self.test_loss, self.test_perplexity) if self.test_loss else [(None, None)] * len(final_p)
         for name, p, (loss, ppl) in zip(self.domains, final_p, losses):
-            table.add_row(name, f"{p:.3f}", "-" if loss is None else f"{loss:.3f}", "-" if ppl is None else f"{ppl:.2f}")
+            table.add_row(escape(name), f"{p:.3f}", "-" if loss is None else f"{loss:.3f}", "-" if ppl is None else f"{ppl:.2f}")
         console.print(table)
         c = self.controller
         console.print(f"mixture versions: {c['version'] + 1}; controller update latency p50 {c['latency_ms_p50']:.2f} ms, "
