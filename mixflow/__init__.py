@@ -33,7 +33,7 @@ _LAZY = {
     "Pipeline": "mixflow.runtime.pipeline_handle",
     "ImageFeed": "mixflow.runtime.rank_feed",
     "TokenFeed": "mixflow.runtime.rank_feed",
-    "RankContext": "mixflow.runtime.entrypoint_rank",
+    "RankContext": "mixflow.runtime.entrypoint",
     "load_spec": "mixflow.config",
 }
 

@@ -148,7 +148,7 @@ def _check_shards(spec, args: argparse.Namespace) -> list[str]:
 
 def _run_spec(spec, args: argparse.Namespace, console: Console) -> int:
     if spec.trainer.entrypoint is not None:
-        return _run_entrypoint(spec, args, console)
+        console.print(f"running {escape(str(spec.trainer.entrypoint))} on {spec.trainer.ranks} rank(s)")
     if spec.kind == "tokens" and (args.resume or args.stop_at):
         raise ConfigError([("--resume/--stop-at", "only image pipelines (kind: image) resume from the command line")])
     if spec.kind == "tokens":
@@ -171,20 +171,6 @@ def _run_spec(spec, args: argparse.Namespace, console: Console) -> int:
         console.print(f"stopped at epoch {args.stop_at[0]} step {args.stop_at[1]}; resume with "
                       f"--resume {escape(str(spec.run_path / 'pipeline_state.json'))}")
     return 0 if summary.exactly_once else 3
-
-
-def _run_entrypoint(spec, args: argparse.Namespace, console: Console) -> int:
-    """The spec's ``trainer.entrypoint`` on every rank (your loop keeps its own checkpoints)."""
-    from mixflow.runtime.entrypoint_rank import run_entrypoint
-
-    if args.resume or args.stop_at:
-        raise ConfigError([("--resume/--stop-at", "a trainer.entrypoint keeps its own checkpoints "
-                                                  "(feed.state_dict() / feed.load_state_dict())")])
-    console.print(f"running {escape(str(spec.trainer.entrypoint))} on {spec.trainer.ranks} rank(s)")
-    summary, _ = run_entrypoint(spec)
-    summary.render(console)
-    console.print(f"summary written to {escape(str(spec.run_path / 'summary.json'))}")
-    return 0 if getattr(summary, "exactly_once", True) else 3
 
 
 def _cmd_serve(args: argparse.Namespace, console: Console) -> int:

@@ -325,10 +325,12 @@ class TrainerSpec(_Strict):
     ranks: int = Field(2, ge=1)
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(64, ge=1, description="Samples per batch delivered to each rank.")
-    model: Literal["digits_cnn", "none"] = Field("digits_cnn", description="'none' only iterates the feed.")
+    model: Literal["digits_cnn", "none"] = Field(
+        "digits_cnn", description="A built-in training loop, run like an entrypoint: 'digits_cnn' "
+                                  "(mixflow.demos.digits_loop:train) or 'none', which only iterates the feed.")
     entrypoint: str | None = Field(
         None, description="Your training function, 'package.module:function' or 'path/to/file.py:function': "
-                          "each rank actor calls it with (feed, context) instead of the built-in model.")
+                          "each rank actor calls it with (feed, context) instead of trainer.model's loop.")
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     backend: Literal["auto", "gloo", "nccl"] = "auto"
@@ -626,10 +628,11 @@ class LMTrainerSpec(_Strict):
     steps: int = Field(300, ge=1, description="Training steps per rank (the token budget is steps x batch x seq_len x ranks).")
     batch_size: int = Field(16, ge=1, description="Sequences per rank per step.")
     model: Literal["byte_gpt", "unigram"] = Field(
-        "byte_gpt", description="'unigram' counts bytes: real losses at almost no compute (data-plane benchmarks).")
+        "byte_gpt", description="The built-in LM loop (mixflow.demos.lm_loop:train) trains this model: 'byte_gpt', "
+                                "or 'unigram', which counts bytes: real losses at almost no compute (benchmarks).")
     entrypoint: str | None = Field(
         None, description="Your training function, 'package.module:function' or 'path/to/file.py:function': "
-                          "each rank actor calls it with (feed, context) instead of the built-in model.")
+                          "each rank actor calls it with (feed, context) instead of trainer.model's loop.")
     d_model: int = Field(128, ge=8)
     layers: int = Field(2, ge=1)
     heads: int = Field(4, ge=1)

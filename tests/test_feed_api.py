@@ -274,14 +274,75 @@ def train_digits(feed, ctx):
 
 
 def test_trainer_entrypoint_runs_the_users_function_on_every_rank(ray_session, digits_shards, tmp_path):
-    from mixflow.runtime.entrypoint_rank import run_entrypoint
+    from mixflow.runtime.image_pipeline import ImagePipeline
 
     spec = make_spec(digits_shards, tmp_path, trainer={"epochs": 2, "entrypoint": "tests.test_feed_api:train_digits"})
-    summary, results = run_entrypoint(spec)
+    pipe = ImagePipeline(spec, show_progress=False)
+    summary = pipe.run()
+    results = pipe.rank_results
     assert summary.exactly_once and [lg.delivered for lg in summary.ledgers] == [1797, 1797]
     assert [r["rank"] for r in results] == [0, 1]
     for r in results:
         assert r["sums_ok"] and r["losses"][-1] < r["losses"][0], r
+
+
+def train_resumable(feed, ctx):
+    """A ``trainer.entrypoint`` that registers its model and optimizer for mixflow's run
+    checkpoints and loads them back on a resumed run; returns a crc of its final weights."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if ctx.resume_state is not None:
+        model.load_state_dict(ctx.resume_state["model"])
+        opt.load_state_dict(ctx.resume_state["optimizer"])
+    ctx.on_checkpoint(lambda: {"model": model.state_dict(), "optimizer": opt.state_dict()})
+    net = nn.parallel.DistributedDataParallel(model)
+    for epoch in range(feed.current_epoch, feed.epochs):
+        with net.join():
+            for batch in feed.epoch(epoch):
+                loss = soft_ce(net(batch.x), batch.targets)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    weights = torch.cat([t.detach().flatten().float() for t in model.state_dict().values()])
+    return zlib.crc32(weights.numpy().tobytes())
+
+
+def test_mixflow_run_stops_and_resumes_a_users_entrypoint_exactly(ray_session, digits_shards, tmp_path):
+    """``run(stop_at=...)`` (``mixflow run --stop-at``) at a seeded random cut, then a run resumed
+    from its state: the stream after the cut and the final weights equal an uninterrupted run's."""
+    from mixflow.runtime.image_pipeline import ImagePipeline
+
+    def spec(sub):
+        return make_spec(digits_shards, tmp_path / sub, trainer={"epochs": 2,
+                                                                 "entrypoint": "tests.test_feed_api:train_resumable"})
+
+    full = ImagePipeline(spec("full"), show_progress=False, record_digests=True)
+    assert full.run().exactly_once
+    cut = (int(np.random.default_rng(5).integers(0, 2)), int(np.random.default_rng(6).integers(1, 28)))
+    first = ImagePipeline(spec("cut"), show_progress=False, record_digests=True)
+    first.run(stop_at=cut)
+    second = ImagePipeline(spec("cut"), show_progress=False, record_digests=True,
+                           resume_from=spec("cut").run_path / "pipeline_state.json")
+    summary = second.run()
+    assert summary.exactly_once and [lg.epoch for lg in summary.ledgers] == list(range(cut[0], 2))
+    for r in range(2):
+        assert first.digests[r] + second.digests[r] == full.digests[r], f"rank {r}, cut {cut}"
+    assert second.rank_results == full.rank_results  # the same final weights on both ranks
+
+
+def entrypoint_leaving_early(feed, ctx):
+    for batch in feed.epoch(0):
+        break
+
+
+def test_an_entrypoint_that_leaves_an_epoch_unfinished_is_named(ray_session, digits_shards, tmp_path):
+    from mixflow.runtime.image_pipeline import ImagePipeline
+
+    spec = make_spec(digits_shards, tmp_path, trainer={"entrypoint": "tests.test_feed_api:entrypoint_leaving_early"})
+    with pytest.raises(mixflow.PipelineError, match=r"trainer r0: tests.test_feed_api:entrypoint_leaving_early "
+                                                    r"returned before its feed finished epoch 0"):
+        ImagePipeline(spec, show_progress=False).run()
 
 
 def failing_entrypoint(feed, ctx):
@@ -292,11 +353,11 @@ def failing_entrypoint(feed, ctx):
 
 
 def test_an_entrypoint_that_raises_is_named(ray_session, digits_shards, tmp_path):
-    from mixflow.runtime.entrypoint_rank import run_entrypoint
+    from mixflow.runtime.image_pipeline import ImagePipeline
 
     spec = make_spec(digits_shards, tmp_path, trainer={"entrypoint": "tests.test_feed_api:failing_entrypoint"})
     with pytest.raises(mixflow.PipelineError, match=r"(?s)trainer r1 failed: .*RuntimeError: my loop broke"):
-        run_entrypoint(spec)
+        ImagePipeline(spec, show_progress=False).run()
 
 
 # --- misuse: each answered by a named error ---------------------------------------------------------

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from mixflow.mixture.feedback_merge import FeedbackMerger, merge_reports
 from mixflow.mixture.policy import Feedback
-from mixflow.train.byte_gpt import ByteGPT, ByteGPTConfig, per_domain_mean, per_sequence_loss
+from mixflow.demos.byte_gpt import ByteGPT, ByteGPTConfig
+from mixflow.train.lm_losses import per_domain_mean, per_sequence_loss
 
 
 def test_merge_weights_train_loss_by_tokens_and_sums_counts():
@@ -116,7 +117,7 @@ def test_per_domain_mean():
 
 
 def test_unigram_lm_loss_is_exact_and_falls_with_data():
-    from mixflow.train.unigram_lm import UnigramLM
+    from mixflow.demos.unigram_lm import UnigramLM
 
     lm = UnigramLM(4, pad_id=3)
     tokens = torch.tensor([[0, 1, 1, 3]])

@@ -153,32 +153,41 @@ def test_opened_channel_keeps_each_batch_of_the_stream_once(ray_session):
 
 
 def test_rank_checkpoint_restores_model_and_optimizer(ray_session, digits_shards, tmp_path):
+    """A rank checkpoint holds the stream state and what the built-in loop registered (model and
+    optimizer): another rank (other seed, so other initial weights) resumed from it has them back.
+    Stopped at step 0, the ranks consume nothing (their channel stays empty)."""
     import ray
     import torch
 
     from mixflow.runtime.channel import Channel
     from mixflow.runtime.trainer_actor import TrainerRank
 
+    def rank(seed=7, model="digits_cnn", checkpoint=None):
+        actor = TrainerRank.remote(_spec(digits_shards, tmp_path, seed=seed, trainer={"model": model})
+                                   .model_dump_json(), 0, 1, ch)
+        ray.get(actor.setup.remote("127.0.0.1", 0, checkpoint))
+        ray.get(actor.run.remote((0, 0)))
+        return actor
+
     ch = Channel.remote("t", 2, 2**20)
     saved, restored = tmp_path / "a.pt", tmp_path / "b.pt"
-    a = TrainerRank.remote(_spec(digits_shards, tmp_path, trainer={"model": "digits_cnn"}).model_dump_json(),
-                           0, 1, ch)
-    ray.get(a.setup.remote("127.0.0.1", 0))
+    a = rank()
     ray.get(a.save_checkpoint.remote(str(saved)))
-    # Another seed gives other initial weights; the checkpoint replaces them.
-    b = TrainerRank.remote(_spec(digits_shards, tmp_path, seed=99, trainer={"model": "digits_cnn"}).model_dump_json(),
-                           0, 1, ch)
-    ray.get(b.setup.remote("127.0.0.1", 0, str(saved)))
+    b = rank(seed=99, checkpoint=str(saved))
     ray.get(b.save_checkpoint.remote(str(restored)))
-    one, two = torch.load(saved, weights_only=False), torch.load(restored, weights_only=False)
-    assert one["model"].keys() == two["model"].keys()
+    one, two = (torch.load(p, weights_only=True)["entrypoint"] for p in (saved, restored))
+    assert one["model"].keys() == two["model"].keys() and "optimizer" in two
     assert all(torch.equal(one["model"][k], two["model"][k]) for k in one["model"])
-    assert one["stream"]["position"] == {"epoch": 0, "step": 0, "cursor": 0, "starts": [0, 0]}
-    none = TrainerRank.remote(_spec(digits_shards, tmp_path).model_dump_json(), 0, 1, ch)
+    assert torch.load(saved, weights_only=True)["stream"]["position"] == {"epoch": 0, "step": 0, "cursor": 0,
+                                                                           "starts": [0, 0]}
+    none = rank(model="none")
     ray.get(none.save_checkpoint.remote(str(tmp_path / "c.pt")))
-    c = TrainerRank.remote(_spec(digits_shards, tmp_path, trainer={"model": "digits_cnn"}).model_dump_json(), 0, 1, ch)
     with pytest.raises(Exception, match="holds no model weights"):
-        ray.get(c.setup.remote("127.0.0.1", 0, str(tmp_path / "c.pt")))
+        rank(checkpoint=str(tmp_path / "c.pt"))
+    (tmp_path / "code.pt").write_bytes(b"not a checkpoint")
+    c = TrainerRank.remote(_spec(digits_shards, tmp_path, trainer={"model": "digits_cnn"}).model_dump_json(), 0, 1, ch)
+    with pytest.raises(Exception, match=r"checkpoint .*code\.pt: not a plain-data mixflow rank checkpoint"):
+        ray.get(c.setup.remote("127.0.0.1", 0, str(tmp_path / "code.pt")))
     for actor in (a, b, none, c, ch):
         ray.kill(actor)
 

@@ -150,7 +150,7 @@ def test_sigterm_stops_mixflow_run_and_leaves_no_ray_process(digits_shards, tmp_
     proc = subprocess.Popen([sys.executable, "-m", "mixflow.cli", "run", str(spec), "--no-progress"], cwd=ROOT,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_until(lambda: sum("ray::TrainerRank.run_epoch" in c for c in _descendants(proc.pid).values()) == 2,
+        _wait_until(lambda: sum("ray::TrainerRank.run" in c for c in _descendants(proc.pid).values()) == 2,
                     180, "both trainer ranks running their epoch")
         before = _descendants(proc.pid)
         assert any("raylet" in c for c in before.values()) and any("gcs_server" in c for c in before.values())
@@ -291,5 +291,5 @@ def test_token_trainer_killed_mid_run_stops_pipeline_with_named_error(ray_sessio
     handles, error = _kill_trainer_expect_stop(pipe, running)
     assert isinstance(error, PipelineError), error
     assert str(error).startswith("trainer r1 died: The actor died"), str(error)
-    assert "class_name: LMTrainerRank" in str(error) and "killed by `ray.kill`" in str(error)
+    assert "class_name: TokenTrainerRank" in str(error) and "killed by `ray.kill`" in str(error)
     assert len(handles) == 2 + 2 + 2 + 1 and all(_dead(h) for h in handles)

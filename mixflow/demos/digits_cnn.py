@@ -1,4 +1,6 @@
-"""Small real models for the demos (CPU-sized)."""
+"""The digits demo's model: a LeNet-style CNN (LeCun et al., "Gradient-based learning applied to
+document recognition", 1998) with batch norm, CPU-sized. Trained by :mod:`mixflow.demos.digits_loop`
+(``trainer.model: digits_cnn``)."""
 
 from __future__ import annotations
 
@@ -21,5 +23,3 @@ class DigitsCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).flatten(1))
 
-
-MODELS = {"digits_cnn": DigitsCNN}

@@ -3,7 +3,8 @@
 Used where the data plane is what is measured (``benchmarks/mixture_overhead.py``) and
 a transformer's compute would hide it: its per-domain losses are real next-token
 cross entropies that fall as it sees data, so mixture policies get genuine feedback.
-Add-one (Laplace) smoothed byte frequencies; each rank counts its own batches.
+Add-one (Laplace) smoothed byte frequencies; each rank counts its own batches. Trained by
+:mod:`mixflow.demos.lm_loop` (``trainer.model: unigram``).
 """
 
 from __future__ import annotations

@@ -1,18 +1,22 @@
 """The image pipeline graph: shards -> decoder actors -> mixer actors -> channels -> trainer ranks.
 
+Each trainer rank runs the spec's entrypoint on its feed: a user's ``trainer.entrypoint``, or
+the built-in loop that ``trainer.model`` names (:mod:`mixflow.demos`); both are run alike.
+
 Each trainer rank owns ``readers_per_rank`` decoder actors (disjoint shards, reassigned
 each epoch), one mixer actor and one credit-based channel, so a slow rank only slows
 its own producers. With one reader per rank (and ``runtime.fuse_reader``) the mixer runs
-that reader itself and there are no decoder actors. Mixers produce straight through all epochs; the driver walks the
-trainer ranks epoch by epoch, shows progress, and checks the delivery ledger at the
-end of each epoch.
+that reader itself and there are no decoder actors. Mixers produce straight through all epochs; the driver
+shows progress while the ranks train and checks the delivery ledger of every epoch from the
+ranks' feeds' accounts.
 
 Checkpoint and resume (:mod:`mixflow.runtime.image_checkpoint`): ``state_dict()`` is
 built from what the trainers consumed; ``ImagePipeline(spec, resume_from=state)``
 continues the exact stream (same ranks and readers per rank) or, with other
 numbers, re-splits the rest of the epoch (elastic: nothing lost or repeated, order
 differs). ``run(stop_at=(epoch, step))`` stops once every rank consumed ``step``
-batches of ``epoch``, saving the state and each rank's model checkpoint in the run
+batches of ``epoch`` (their feeds end there), saving the state and each rank's checkpoint
+(stream state and what its entrypoint registered with ``context.on_checkpoint``) in the run
 directory. Readers and mixers are restartable Ray actors whose requests name the
 batch, so killing one (or losing the node that runs readers) loses and repeats
 nothing; the ledger of every epoch says so.
@@ -41,6 +45,8 @@ from mixflow.runtime.image_stages import start_image_stages
 from mixflow.runtime.progress import PipelineProgress
 from mixflow.runtime.ray_session import ensure_ray
 from mixflow.runtime.stage_failure import stop_stages, wait_for_stages
+from mixflow.errors import PipelineError
+from mixflow.runtime.entrypoint import entrypoint_of
 from mixflow.runtime.summary import RankSummary, RunSummary
 from mixflow.runtime.trainer_actor import TrainerRank
 
@@ -79,6 +85,7 @@ class ImagePipeline:
         self._shards: list[ShardInfo] = []
         self.record_digests = record_digests
         self.digests: dict[int, list] = {}
+        self.rank_results: list = []  # what each rank's entrypoint returned, by rank
         self.console = console or Console()
         self.show_progress = show_progress
         self.decoders: list = []
@@ -104,11 +111,12 @@ class ImagePipeline:
         stages = start_image_stages(spec, shards, device, state, self.ring_tag, opts)
         self.channels, self.mixers, self.decoders = stages.channels, stages.mixers, stages.decoders
         context = {"cuts": state["cuts"], "skipped_before_cuts": state["skipped_before_cuts"]}
+        stream = ckpt.stream_fields(spec, shards)
         self.trainers = [TrainerRank.options(**{"scheduling_strategy": "SPREAD", **opts["trainer"]}).remote(
             spec_json, r, ranks, self.channels[r], self.record_digests, {**state["rank_states"][r], **context},
-            self.mixers[r])
+            self.mixers[r], stream, [os.getcwd()])
             for r in range(ranks)]
-        saved = state.get("checkpoints") if spec.trainer.model != "none" else None
+        saved = state.get("checkpoints")
         if saved and len(saved) != ranks:
             saved = [saved[0]] * ranks  # elastic: data-parallel ranks hold the same weights
         master_addr, master_port = ray.get(self.trainers[0].address.remote())
@@ -133,7 +141,7 @@ class ImagePipeline:
         paths = ray.get([t.save_checkpoint.remote(str(run_dir / "checkpoints" / f"rank{r}.pt"))
                          for r, t in enumerate(self.trainers)])
         state = ckpt.build_state(self.spec, self._shards, ray.get([t.stream_state.remote() for t in self.trainers]),
-                                 paths if self.spec.trainer.model != "none" else None)
+                                 paths)
         ckpt.save_state(state, run_dir / "pipeline_state.json")
         return state
 
@@ -180,26 +188,32 @@ class ImagePipeline:
             total = len(expected) * (last_epoch + 1 - state["epoch"])
             with PipelineProgress(total, self.show_progress, self.console) as progress:
                 producers = {m.run.remote(last_epoch): f"mixer r{r}" for r, m in enumerate(self.mixers)}
-                for epoch in range(state["epoch"], last_epoch + 1):
-                    stop_step = stop_at[1] if stop_at is not None and epoch == stop_at[0] else None
-                    consumers = {t.run_epoch.remote(epoch, stop_step): f"trainer r{r} (epoch {epoch})"
-                                 for r, t in enumerate(self.trainers)}
-                    results = self._wait(producers | consumers, progress, set(consumers))
-                    trainer_results = [results[r] for r in consumers]
-                    epoch_skips = [rec for res in trainer_results for rec in res["skipped"]]
-                    skipped += epoch_skips
-                    for res in trainer_results:
-                        self.digests.setdefault(res["rank"], []).extend(res["digests"])
-                        ranks[res["rank"]].add_epoch(res)
-                    if stop_step is not None:
-                        break
-                    if epoch == state["epoch"]:  # what this epoch delivered before the resumed state
-                        epoch_skips = ckpt.skipped_records(state) + epoch_skips
-                        before = ckpt.delivered_before(state, shards)
-                    else:
-                        before = []
-                    ledgers.append(check_epoch(epoch, expected, {r["rank"]: r["keys"] for r in trainer_results},
-                                               [s.key for s in epoch_skips if s.key is not None] + lost, before))
+                consumers = {t.run.remote(stop_at): f"trainer r{r}" for r, t in enumerate(self.trainers)}
+                results = self._wait(producers | consumers, progress, set(consumers))
+            rank_runs = sorted((results[ref] for ref in consumers), key=lambda res: res["rank"])
+            self.rank_results = [res["result"] for res in rank_runs]
+            by_rank = [{e["epoch"]: e for e in res["epochs"]} for res in rank_runs]
+            for epoch in range(state["epoch"], last_epoch + 1):
+                short = [r for r, epochs in enumerate(by_rank) if epoch not in epochs]
+                if short:
+                    raise PipelineError(f"trainer r{short[0]}: {entrypoint_of(spec)} returned before its feed "
+                                        f"finished epoch {epoch} (an entrypoint consumes every epoch of its feed, "
+                                        f"from feed.current_epoch to feed.epochs - 1, each to its end)")
+                trainer_results = [epochs[epoch] for epochs in by_rank]
+                epoch_skips = [SkipRecord(**rec) for res in trainer_results for rec in res["skipped"]]
+                skipped += epoch_skips
+                for res in trainer_results:
+                    self.digests.setdefault(res["rank"], []).extend(res["digests"])
+                    ranks[res["rank"]].add_epoch(res)
+                if stop_at is not None and epoch == stop_at[0]:
+                    break
+                if epoch == state["epoch"]:  # what this epoch delivered before the resumed state
+                    epoch_skips = ckpt.skipped_records(state) + epoch_skips
+                    before = ckpt.delivered_before(state, shards)
+                else:
+                    before = []
+                ledgers.append(check_epoch(epoch, expected, {r["rank"]: r["keys"] for r in trainer_results},
+                                           [s.key for s in epoch_skips if s.key is not None] + lost, before))
             wall_s = time.perf_counter() - start
             if stop_at is None:
                 ray.get(list(producers))

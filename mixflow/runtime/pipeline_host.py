@@ -50,8 +50,8 @@ from mixflow.runtime.ledger import check_epoch
 from mixflow.runtime.mixture_controller import MixtureController
 from mixflow.runtime.stage_failure import stage_error, stop_stages
 from mixflow.runtime.summary import RankSummary, RunSummary
-from mixflow.runtime.token_pipeline import (GRAD_STATS_EVERY, GRADIENT_POLICIES, TokenRunSummary,
-                                            held_out_sets, prepare_domains)
+from mixflow.runtime.token_pipeline import (TokenRunSummary, grad_stats_every, held_out_sets, prepare_domains,
+                                            token_stream_fields)
 from mixflow.runtime.token_producer import TokenProducer
 from mixflow.data.token_shard_writer import read_manifest
 
@@ -159,18 +159,14 @@ class PipelineHost:
         val, _test = held_out_sets(self._domain_dirs, spec.data.seq_len, spec.data.eval_sequences)
         self._val = val
         manifest = read_manifest(self._domain_dirs[0] / "train")
-        self._stream = {"seed": spec.seed, "policy": spec.mixture.policy, "params": spec.mixture.params,
-                        "floor": spec.mixture.floor, "domains": [d.name for d in self._domain_dirs],
-                        "seq_len": spec.data.seq_len, "batch_size": t.batch_size, "steps": t.steps}
+        self._stream = token_stream_fields(spec, self._domain_dirs)
         spec.run_path.mkdir(parents=True, exist_ok=True)
         self._controller_origin: int | None = None  # the step the controller's state was loaded at
         self.controller = self._new_controller(None)
         self.channels = [self._new_channel(r) for r in range(t.ranks)]
         ray.get([ch.stats.remote() for ch in self.channels] + [self.controller.stats.remote()])
-        grad_every = t.grad_stats_every
-        if grad_every is None:
-            grad_every = GRAD_STATS_EVERY if spec.mixture.policy in GRADIENT_POLICIES else 0
-        return {"vocab_size": manifest.vocab_size, "pad_id": manifest.pad_id, "grad_stats_every": grad_every}
+        return {"vocab_size": manifest.vocab_size, "pad_id": manifest.pad_id,
+                "grad_stats_every": grad_stats_every(spec)}
 
     def _new_controller(self, state: dict | None):
         from mixflow.runtime.state_journal import StateJournal

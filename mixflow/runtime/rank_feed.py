@@ -20,6 +20,7 @@ import socket
 import time
 import uuid
 import weakref
+from dataclasses import asdict
 from collections.abc import Iterator
 from typing import Any
 
@@ -55,6 +56,11 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def _plain_records(records: list) -> list[dict]:
+    """Quarantine records as plain dicts (what a feed state and the pipeline's accounts hold)."""
+    return [asdict(r) if isinstance(r, SkipRecord) else dict(r) for r in records]
+
+
 def _release_quietly(host, rank: int, feed_id: str) -> None:
     try:
         if ray.is_initialized():
@@ -77,11 +83,14 @@ class RankFeed:
         self.epochs = info["epochs"]
         self.device = torch.device(device) if device is not None else default_device()
         self._id = uuid.uuid4().hex
+        self._begun: dict | None = None  # the channel (and holder/controller) once begun
+        self._closed = False
+        self._release = None
+        if host is None:  # a feed of mixflow's own rank actors: the pipeline hands it its channel
+            return
         self._lease = [ray.put(self._id)]  # freed by Ray when this process ends: the claim lapses
         where = f"pid {os.getpid()} on {socket.gethostname()}"
         raise_refusal(ray.get(host.claim.remote(rank, world_size, self._id, self._lease, where)))
-        self._begun: dict | None = None  # the channel (and holder/controller) once begun
-        self._closed = False
         # A feed dropped without close() (a notebook cell run again) lets its rank go as well.
         self._release = weakref.finalize(self, _release_quietly, host, rank, self._id)
 
@@ -105,6 +114,8 @@ class RankFeed:
 
     def _failed(self, exc: Exception) -> Exception:
         """The named error a failed channel or host call stands for."""
+        if self.host is None:
+            return errors.PipelineError(f"{self._name()}: its channel failed: {exc}")
         try:
             failure = ray.get(self.host.failure.remote(), timeout=10)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
@@ -141,6 +152,8 @@ class RankFeed:
         """Give the rank up (another feed may take it); the pipeline goes on."""
         if not self._closed:
             self._closed = True
+            if self._release is None:
+                return
             self._release.detach()
             try:
                 ray.get(self.host.release.remote(self.rank, self._id), timeout=10)
@@ -178,9 +191,11 @@ class ImageFeed(RankFeed):
         self._slots = self.spec.runtime.readers_per_rank
         self._position = start_position(0, self._slots)
         self._skipped: list[dict] = []  # quarantine records of the position's epoch consumed so far
+        self._new_skips: list[dict] = []  # those consumed by this feed (not loaded with a state)
         self._reader: ChannelReader | None = None
         self._keys: list[str] = []  # keys of the epoch in progress delivered by this feed
         self._stats = self._fresh_stats()
+        self._last_loss: float | None = None
         self.to_float = to_float
 
     @staticmethod
@@ -212,29 +227,42 @@ class ImageFeed(RankFeed):
             for batch in self._named_failures(feed):
                 consumed = self._reader.last
                 self._position = consumed["position"]
-                self._skipped += consumed["skipped"]
+                records = _plain_records(consumed["skipped"])
+                self._skipped += records
+                self._new_skips += records
                 self._keys += batch.keys
                 self._stats["samples"] += len(batch.keys)
                 self._stats["steps"] += 1
                 yield batch
-            self._skipped += self._reader.end_info["skipped"]
+            records = _plain_records(self._reader.end_info["skipped"])
+            self._skipped += records
+            self._new_skips += records
             self._position = {**self._position, "epoch": epoch, "done": True}
         finally:
             s = self._stats
             s["wait_s"] += feed.wait_s
             s["wall_s"] += time.perf_counter() - start
             s["shared_memory_steps"] += self._reader.ring_batches - ring_before
+        self._epoch_finished(epoch, self._epoch_result())
+
+    def _epoch_result(self) -> dict:
+        """What this feed delivered of the epoch in progress (keys, the quarantine records that came
+        with them, counts and timings); the next epoch starts a new account."""
         s = self._stats
         mean_loss = s["loss_sum"] / s["losses"] if s["losses"] else None
-        self._call("epoch_done", epoch, {"keys": self._keys, "skipped": self._skipped, "mean_loss": mean_loss,
-                                         **{k: s[k] for k in ("samples", "steps", "wait_s", "wall_s",
-                                                              "shared_memory_steps")}})
-        self._keys, self._stats = [], self._fresh_stats()
+        result = {"keys": self._keys, "skipped": self._new_skips, "mean_loss": mean_loss,
+                  **{k: s[k] for k in ("samples", "steps", "wait_s", "wall_s", "shared_memory_steps")}}
+        self._keys, self._new_skips, self._stats = [], [], self._fresh_stats()
+        return result
+
+    def _epoch_finished(self, epoch: int, result: dict) -> None:
+        self._call("epoch_done", epoch, result)
 
     def report(self, step: int, loss: float | torch.Tensor | None = None, **_unused) -> None:
         """Record the step's training loss (the run summary shows its mean per epoch)."""
         if loss is not None:
-            self._stats["loss_sum"] += float(loss)
+            self._last_loss = float(loss)
+            self._stats["loss_sum"] += self._last_loss
             self._stats["losses"] += 1
 
     def state_dict(self) -> dict:
@@ -251,7 +279,7 @@ class ImageFeed(RankFeed):
         if not position.get("done") and position["epoch"] >= self.epochs:
             raise errors.FeedStateError(f"{self._name()}: the state is at epoch {position['epoch']}, past the "
                                         f"pipeline's {self.epochs} epochs")
-        self._position, self._skipped = position, list(state["skipped"])
+        self._position, self._skipped, self._new_skips = position, list(state["skipped"]), []
         if position.get("done"):
             self._position, self._skipped = start_position(position["epoch"] + 1, self._slots), []
         self._reader = None  # the next epoch() begins the rank's stream at this position
@@ -286,6 +314,12 @@ class TokenFeed(RankFeed):
         return self.info["pad_id"]
 
     @property
+    def grad_stats_every(self) -> int:
+        """How often the pipeline's mixture policy wants gradient statistics: pass
+        ``grad_dot_val`` to :meth:`report` every that many steps (0: the policy uses none)."""
+        return self.info.get("grad_stats_every", 0)
+
+    @property
     def held_out(self) -> list[np.ndarray]:
         """Per domain, this rank's validation sequences ``[n, T+1]`` (what ``report_eval`` measures)."""
         return self._ensure_begun()["val"]
@@ -311,9 +345,15 @@ class TokenFeed(RankFeed):
             yield batch
         self._done = True
         self._flush()
+        self._epoch_finished(0, self._epoch_result())
+
+    def _epoch_result(self) -> dict:
         b = self._batches
-        self._call("epoch_done", 0, {"keys": b.keys, "tokens": b.tokens, "steps": self._stats["steps"],
-                                     "wait_s": b.wait_s, "skipped": b.skipped, "batches": b.log})
+        return {"keys": b.keys, "tokens": b.tokens, "steps": self._stats["steps"], "wait_s": b.wait_s,
+                "skipped": b.skipped, "batches": b.log}
+
+    def _epoch_finished(self, epoch: int, result: dict) -> None:
+        self._call("epoch_done", epoch, result)
 
     def _send(self, kind: str, message: dict) -> None:
         controller = self._begun["controller"]

@@ -1,6 +1,9 @@
 """The token pipeline graph: Parquet domains -> producers -> channels -> LM trainer ranks, with a
 mixture controller in the loop.
 
+Each trainer rank runs the spec's entrypoint on its token feed: a user's ``trainer.entrypoint``,
+or the built-in LM loop that ``trainer.model`` names (:mod:`mixflow.demos.lm_loop`).
+
 Each rank owns a :class:`TokenProducer` (its own disjoint shards of every domain) and a
 credit-based channel. Producers take each step's mixture from the
 :class:`MixtureController` (one answer for all ranks), trainers report per-domain losses
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,13 +32,13 @@ from mixflow.data.token_shard_writer import MANIFEST, read_manifest, write_domai
 from mixflow.data.token_source import TokenSource
 from mixflow.errors import DataError, PipelineError
 from mixflow.runtime.channel import Channel
-from mixflow.runtime.lm_trainer_actor import LMTrainerRank
 from mixflow.runtime.mixture_controller import MixtureController
 from mixflow.runtime.state_journal import StateJournal
 from mixflow.runtime.progress import PipelineProgress
 from mixflow.runtime.ray_session import ensure_ray
 from mixflow.runtime.stage_failure import stop_stages, wait_for_stages
 from mixflow.runtime.token_producer import TokenProducer
+from mixflow.runtime.token_trainer_actor import TokenTrainerRank
 
 SHARDS_PER_DOMAIN = 8
 GRADIENT_POLICIES = ("tikmix_d", "tikmix_m", "doge")  # consume Feedback.grad_dot_val
@@ -77,6 +81,22 @@ def held_out_sets(domain_dirs: list[Path], seq_len: int, count: int) -> tuple[li
         val.append(arr[0::2])
         test.append(arr[1::2])
     return val, test
+
+
+def grad_stats_every(spec: TokenPipelineSpec) -> int:
+    """How often ranks report gradient statistics: ``trainer.grad_stats_every``, else every
+    ``GRAD_STATS_EVERY`` steps when the policy consumes them, else never."""
+    every = spec.trainer.grad_stats_every
+    if every is None:
+        every = GRAD_STATS_EVERY if spec.mixture.policy in GRADIENT_POLICIES else 0
+    return every
+
+
+def token_stream_fields(spec: TokenPipelineSpec, domain_dirs: list[Path]) -> dict:
+    """The spec fields that decide a token stream; a feed state must match them."""
+    return {"seed": spec.seed, "policy": spec.mixture.policy, "params": spec.mixture.params,
+            "floor": spec.mixture.floor, "domains": [d.name for d in domain_dirs],
+            "seq_len": spec.data.seq_len, "batch_size": spec.trainer.batch_size, "steps": spec.trainer.steps}
 
 
 @dataclass
@@ -148,6 +168,7 @@ class TokenPipeline:
         self.channels: list = []
         self.producers: list = []
         self.trainers: list = []
+        self.rank_results: list = []  # what each rank's entrypoint returned, by rank
 
     def _start_actors(self, domain_dirs: list[Path], val: list[np.ndarray], test: list[np.ndarray]) -> None:
         spec, t = self.spec, self.spec.trainer
@@ -172,20 +193,16 @@ class TokenPipeline:
                                                resume["ranks"][r]["feed"]["producer"] if resume else None,
                                                resume["step"] if resume else 0)
                           for r in range(t.ranks)]
-        grad_every = t.grad_stats_every
-        if grad_every is None:
-            grad_every = GRAD_STATS_EVERY if spec.mixture.policy in GRADIENT_POLICIES else 0
-        model_cfg = {"vocab_size": manifest.vocab_size, "seq_len": spec.data.seq_len, "d_model": t.d_model,
-                     "layers": t.layers, "heads": t.heads}
-        self.trainers = [LMTrainerRank.options(scheduling_strategy="SPREAD").remote(
-            r, t.ranks, self.channels[r], self.controller, model_cfg, t.lr, m,
-            [v[r::t.ranks] for v in val], test, spec.seed, t.eval_every, t.throttle.get(r, 0.0), pad_id,
-            t.model, grad_every)
+        grad_every = grad_stats_every(spec)
+        stream = token_stream_fields(spec, domain_dirs)
+        spec_json = spec.model_dump_json()
+        self.trainers = [TokenTrainerRank.options(scheduling_strategy="SPREAD").remote(
+            spec_json, r, t.ranks, self.channels[r], self.controller, stream, [v[r::t.ranks] for v in val], test,
+            manifest.vocab_size, pad_id, grad_every, [os.getcwd()])
             for r in range(t.ranks)]
         master_addr, master_port = ray.get(self.trainers[0].address.remote())
-        ray.get([tr.setup.remote(master_addr, master_port) for tr in self.trainers])
-        if resume:
-            ray.get([tr.restore.remote(resume["ranks"][r]) for r, tr in enumerate(self.trainers)])
+        ray.get([tr.setup.remote(master_addr, master_port, resume["ranks"][r] if resume else None)
+                 for r, tr in enumerate(self.trainers)])
 
     def _stop(self, reason: str | None = None) -> None:
         stop_stages(reason, self.channels, self.trainers,
@@ -225,11 +242,13 @@ class TokenPipeline:
             raise
         self._stop()
         ranks = sorted((results[r] for r in trainers), key=lambda r: r["rank"])
+        self.rank_results = [r["result"] for r in ranks]
         skipped = [SkipRecord(**rec) for r in ranks for rec in r["skipped"]]
+        main = ranks[0]["result"] if isinstance(ranks[0]["result"], dict) else {}
         summary = TokenRunSummary(spec.name, spec.mixture.policy, [d.name for d in domain_dirs], startup_s, wall_s,
                                   sum(r["tokens"] for r in ranks), ranks[0]["steps"], [r["wait_s"] for r in ranks],
-                                  ranks[0]["test_loss"], trajectory, stats, len(skipped), ranks[0]["curve"],
-                                  [r["batches"] for r in ranks], reports)
+                                  main.get("test_loss") or [], trajectory, stats, len(skipped),
+                                  main.get("curve") or [], [r["batches"] for r in ranks], reports)
         summary.save(spec.run_path / "summary.json")
         if skipped:
             write_quarantine(spec.run_path / "quarantine.jsonl", skipped)

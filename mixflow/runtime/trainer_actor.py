@@ -1,184 +1,100 @@
-"""Trainer rank actor: torch.distributed (gloo on CPU, nccl on GPU), iterating its own feed.
+"""Image trainer rank actor: runs the spec's entrypoint (yours, or the built-in loop that
+``trainer.model`` names) on this rank's feed of the pipeline.
 
-The rank keeps its *stream position*: the position carried by the last batch it
-consumed (see :mod:`mixflow.runtime.mixer_actor`) and the quarantine records that
-came with the epoch's batches so far. ``save_checkpoint`` writes it next to the
-model and optimizer in one call; a pipeline resumed from it continues with the
-first batch this rank had not consumed (batches in flight are produced again).
+The rank keeps its *stream position* through its feed: the position carried by the last
+batch it consumed (see :mod:`mixflow.runtime.mixer_actor`) and the quarantine records that
+came with the epoch's batches so far. ``save_checkpoint`` writes it with what the entrypoint
+registered (``context.on_checkpoint``: model and optimizer, say) in one file; a pipeline
+resumed from it continues with the first batch this rank had not consumed (batches in
+flight are produced again), and the entrypoint gets its state back (``context.resume_state``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import time
-import zlib
-from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 
 import ray
 import torch
-import torch.distributed as dist
 
 from mixflow.config import PipelineSpec
-from mixflow.data.bad_samples import SkipRecord
-from mixflow.runtime.channel import ChannelReader
+from mixflow.runtime.entrypoint import (RankContext, entrypoint_of, free_port, import_paths, join_process_group,
+                                        leave_process_group, load_entrypoint, needs_process_group)
 from mixflow.runtime.mixer_actor import start_position
-from mixflow.mix.plans import LayerPlan
-from mixflow.train.feed import Feed
-from mixflow.train.mix_label_helpers import ManifoldMixupHook
-from mixflow.train.losses import soft_target_cross_entropy
-from mixflow.train.models import MODELS
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
+from mixflow.runtime.rank_feed import default_device
+from mixflow.runtime.rank_checkpoint import CHECKPOINT_FORMAT, load_rank_checkpoint
+from mixflow.runtime.run_feeds import RunImageFeed
 
 @ray.remote(num_cpus=0, max_concurrency=2)
 class TrainerRank:
     def __init__(self, spec_json: str, rank: int, world_size: int, channel, record_digests: bool = False,
-                 resume: dict | None = None, holder=None):
+                 resume: dict | None = None, holder=None, stream: dict | None = None,
+                 sys_path: list[str] | None = None):
         torch.set_num_threads(1)
+        import_paths(sys_path or [])
         self.spec = PipelineSpec.model_validate_json(spec_json)
-        self.slots = self.spec.runtime.readers_per_rank
         resume = resume or {}
-        self.position = dict(resume.get("position") or start_position(0, self.slots))
-        # The epoch's context kept for checkpoints: quarantine records that came with its batches
-        # on this rank, and the elastic cuts (with the records before them) it was resumed under.
-        self.epoch_skipped = [SkipRecord(**r) for r in resume.get("skipped", [])]
+        slots = self.spec.runtime.readers_per_rank
+        self.start = {"position": dict(resume.get("position") or start_position(0, slots)),
+                      "skipped": list(resume.get("skipped", []))}
+        # The elastic cuts (with the records before them) the rank's first epoch was resumed under.
         self.cuts = list(resume.get("cuts", []))
         self.skipped_before_cuts = list(resume.get("skipped_before_cuts", []))
-        self.rank = rank
-        self.world_size = world_size
-        self.reader = ChannelReader(channel, holder)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = None
-        self.optimizer = None
+        self.rank, self.world_size = rank, world_size
+        self.channel, self.holder = channel, holder
+        self.stream = stream or {}
         self.record_digests = record_digests
-        self.throttle_s = self.spec.trainer.throttle.get(rank, 0.0)
-        self._progress = {"samples": 0, "steps": 0, "loss": None, "wait_s": 0.0}
+        self.device = default_device()
+        self.feed: RunImageFeed | None = None
+        self.context: RankContext | None = None
 
     def address(self) -> tuple[str, int]:
-        return ray.util.get_node_ip_address(), _free_port()
+        return ray.util.get_node_ip_address(), free_port()
 
     def setup(self, master_addr: str, master_port: int, checkpoint: str | None = None) -> None:
-        """Join the process group and build the model (weights and optimizer from ``checkpoint``
-        when given: a file written by :meth:`save_checkpoint`, of this rank or any other)."""
+        """Load the entrypoint, join the process group (when the entrypoint trains a DDP model),
+        and read ``checkpoint`` (a file written by :meth:`save_checkpoint`, of this rank or any
+        other): what the entrypoint saved there becomes ``context.resume_state``."""
+        self.entrypoint = load_entrypoint(entrypoint_of(self.spec))
+        resume_state = load_rank_checkpoint(checkpoint, self.device)["entrypoint"] if checkpoint else None
+        if needs_process_group(self.spec):
+            join_process_group(self.spec, self.rank, self.world_size, self.device, master_addr, master_port)
+        self.context = RankContext(self.rank, self.world_size, self.device, self.spec, self.spec.name,
+                                   self.spec.run_path, checkpoint, resume_state)
+
+    def run(self, stop_at: tuple[int, int] | None = None) -> dict:
+        """Run the entrypoint on this rank's feed; with ``stop_at=(epoch, step)`` the feed ends once
+        the rank has consumed ``step`` batches of ``epoch`` (counting those before a resume).
+        Returns each epoch's account (``epochs``) and the entrypoint's return value."""
         t = self.spec.trainer
-        if t.model == "none":
-            return
-        torch.manual_seed(self.spec.seed)  # identical initial weights on every rank
-        model = MODELS[t.model](self.spec.data.num_classes).to(self.device)
-        if self.world_size > 1:
-            backend = t.backend if t.backend != "auto" else ("nccl" if self.device.type == "cuda" else "gloo")
-            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
-                                    world_size=self.world_size, timeout=timedelta(seconds=120))
-            model = torch.nn.parallel.DistributedDataParallel(model)
-        self.model = model
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum)
-        if checkpoint is not None:
-            saved = torch.load(checkpoint, map_location=self.device, weights_only=False)
-            if saved["model"] is None:
-                raise ValueError(f"checkpoint {checkpoint} holds no model weights (saved with trainer.model: none)")
-            self._module().load_state_dict(saved["model"])
-            self.optimizer.load_state_dict(saved["optimizer"])
-
-    def _module(self) -> torch.nn.Module:
-        return self.model.module if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else self.model
-
-    def run_epoch(self, epoch: int, stop_at_step: int | None = None) -> dict:
-        """Consume ``epoch`` to its end marker, or until the rank has consumed ``stop_at_step``
-        batches of it (counting batches consumed before a resume); ``stopped`` says which."""
-        if self.position["epoch"] != epoch:
-            self.position, self.epoch_skipped = start_position(epoch, self.slots), []
-            self.cuts, self.skipped_before_cuts = [], []
-        d = self.spec.decode
-        feed = Feed(self.reader, self.device, d.mean, d.std, to_float=self.model is not None)
-        ring_before = self.reader.ring_batches
-        start = time.perf_counter()
-        loss_sum, steps, digests, skipped = 0.0, 0, [], []
-        stopped = (stop_at_step is not None and not self.position.get("done")
-                   and self.position["step"] >= stop_at_step)
-        training = self.model is not None
-        if training:
-            self.model.train()
-        join = self.model.join() if training and self.world_size > 1 else contextlib.nullcontext()
-        with join:
-            for batch in ([] if stopped else feed):
-                loss = self._step(batch) if training else None
-                if not training:
-                    batch.x.view(-1)[0].item()  # touch the data
-                if self.record_digests:
-                    digests.append(_digest(batch))
-                if self.throttle_s:
-                    time.sleep(self.throttle_s)
-                steps += 1
-                loss_sum += loss or 0.0
-                self._progress.update(samples=self._progress["samples"] + len(batch.keys), steps=steps, loss=loss)
-                consumed = self.reader.last
-                self.position = consumed["position"]
-                skipped += consumed["skipped"]
-                if stop_at_step is not None and self.position["step"] >= stop_at_step:
-                    stopped = True
-                    break
-        if not stopped:  # the end marker was consumed: the epoch is complete on this rank
-            skipped += self.reader.end_info["skipped"]
-            self.position = {**self.position, "done": True}
-        self.epoch_skipped += skipped
-        self._progress["wait_s"] += feed.wait_s
-        return {"rank": self.rank, "epoch": epoch, "keys": feed.keys, "samples": feed.samples, "steps": steps,
-                "mean_loss": loss_sum / steps if steps and self.model is not None else None,
-                "wait_s": feed.wait_s, "wall_s": time.perf_counter() - start, "digests": digests,
-                "skipped": skipped, "stopped": stopped, "shared_memory_steps": self.reader.ring_batches - ring_before}
-
-    def _step(self, batch) -> float:
-        if isinstance(batch.plan, LayerPlan):  # manifold mixup: mix hidden states at the planned layer
-            with ManifoldMixupHook(_blocks(self.model), batch):
-                logits = self.model(batch.x)
-        else:
-            logits = self.model(batch.x)
-        loss = soft_target_cross_entropy(logits, batch.targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.item()
+        self.feed = RunImageFeed(self.spec, self.stream, self.rank, self.world_size, self.channel, self.holder,
+                                 self.device, self.start, stop_at, self.record_digests,
+                                 t.throttle.get(self.rank, 0.0))
+        result = self.entrypoint(self.feed, self.context)
+        return {"rank": self.rank, "epochs": self.feed.results, "result": result}
 
     def progress(self) -> dict:
-        return dict(self._progress)
+        return self.feed.progress() if self.feed is not None else {"samples": 0, "steps": 0, "loss": None,
+                                                                   "wait_s": 0.0}
 
     def stream_state(self) -> dict:
         """This rank's part of the pipeline state: its stream position and the quarantine
         records of the position's epoch consumed so far."""
-        return {"rank": self.rank, "position": dict(self.position),
-                "skipped": [asdict(r) for r in self.epoch_skipped], "cuts": self.cuts,
-                "skipped_before_cuts": self.skipped_before_cuts}
+        if self.feed is None:
+            position, skipped = self.start["position"], self.start["skipped"]
+        else:
+            position, skipped = self.feed._position, self.feed._skipped
+        same_epoch = position["epoch"] == self.start["position"]["epoch"]
+        return {"rank": self.rank, "position": dict(position), "skipped": [dict(r) for r in skipped],
+                "cuts": self.cuts if same_epoch else [],
+                "skipped_before_cuts": self.skipped_before_cuts if same_epoch else []}
 
     def save_checkpoint(self, path: str) -> str:
-        """Save model, optimizer and this rank's stream state together in one file (``torch.save``)."""
+        """Save this rank's stream state and what its entrypoint registered, in one file."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"rank": self.rank, "world_size": self.world_size, "stream": self.stream_state(),
-                    "model": self._module().state_dict() if self.model is not None else None,
-                    "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None}, path)
+        torch.save({"format": CHECKPOINT_FORMAT, "rank": self.rank, "world_size": self.world_size,
+                    "stream": self.stream_state(),
+                    "entrypoint": self.context.checkpoint_state() if self.context is not None else None}, path)
         return str(path)
 
     def teardown(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _blocks(model: torch.nn.Module):
-    """The layer sequence manifold mixup indexes: the model's ``features`` (a DigitsCNN's conv stack)."""
-    inner = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    if not hasattr(inner, "features"):
-        raise ValueError(f"manifold mixup needs a model with a `features` sequence; {type(inner).__name__} has none")
-    return inner.features
-
-
-def _digest(batch) -> tuple:
-    """(step, keys, crc32 of the pixels, crc32 of the soft targets): compares two runs exactly."""
-    return (batch.step, tuple(batch.keys), zlib.crc32(batch.x.cpu().numpy().tobytes()),
-            zlib.crc32(batch.targets.cpu().numpy().tobytes()))
+        leave_process_group()

@@ -43,7 +43,7 @@ class TokenBatch:
     def per_domain(self, values: torch.Tensor) -> torch.Tensor:
         """Mean of per-sequence ``values [B]`` per domain (NaN for domains absent from the batch):
         what ``feed.report(step, per_domain_loss=...)`` takes."""
-        from mixflow.train.byte_gpt import per_domain_mean
+        from mixflow.train.lm_losses import per_domain_mean
 
         return per_domain_mean(values.detach().to(self.domains.device), self.domains, len(self.counts))
 
