@@ -68,10 +68,6 @@ class DecodeSpec(_Strict):
         89_478_485, ge=1, description="Largest image (width x height, read from its header before decoding) "
                                       "decoded; a larger one is a bad sample (on_error). PIL's MAX_IMAGE_PIXELS; "
                                       "null: no limit.")
-    verify: bool = Field(
-        False, description="Decode each JPEG once with PIL before DALI (a full CPU decode, ~3 ms for a "
-                           "500x375 photo): corrupt data behind a valid header, which DALI turns into garbage "
-                           "pixels without an error, becomes a bad sample (on_error).")
 
     @model_validator(mode="after")
     def _check_ranges(self) -> "DecodeSpec":
