@@ -2,7 +2,8 @@
 
 A truncated or non-JPEG payload makes a DALI pipeline invalid for every sample
 that follows ("pipeline no longer valid"), so each payload is checked here first:
-the SOI marker, a frame header with the image size, and the EOI marker at the end.
+the SOI marker, a frame header with the image size, the EOI marker at the end, and
+that each scan's data ends in a real marker (:func:`check_scan_markers`).
 The EXIF Orientation tag (APP1) is read on the way: DALI decodes an image the way
 its orientation says to show it (as PIL's ``ImageOps.exif_transpose`` does), and a
 crop window must be drawn in that oriented frame (orientations 5-8 swap width and
@@ -12,6 +13,8 @@ height).
 from __future__ import annotations
 
 from typing import NamedTuple
+
+import numpy as np
 
 # Start-of-frame markers carry the image size (C4 DHT, C8 JPG, CC DAC are not frames).
 _SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -74,6 +77,53 @@ def exif_orientation(app1: bytes | memoryview) -> int:
     return 1
 
 
+def check_scan_markers(buf: memoryview, pos: int) -> None:
+    """Raise :class:`JpegError` if the marker structure after the frame header breaks inside or
+    after a scan. In scan data ``0xFF`` is only followed by ``0x00`` (stuffing), a restart marker,
+    fill or a real marker, and every marker segment is followed by the next marker; garbage behind
+    a valid header (which DALI decodes into noise without an error) breaks this as soon as it holds
+    an ``0xFF`` byte, so it is caught here at the cost of one vectorised pass. ``pos``: the first
+    marker after the frame header. Garbage without any ``0xFF`` byte is not seen (only a decoder
+    could tell, and libjpeg merely warns)."""
+    n = len(buf)
+    arr = np.frombuffer(buf, np.uint8)
+    marks = None  # positions of 0xFF followed by neither stuffing, a restart marker nor fill
+    scanned = False  # a scan was seen: from there on every segment must end at a marker
+    while pos + 4 <= n:
+        if buf[pos] != 0xFF:
+            if scanned:
+                raise JpegError(f"corrupt JPEG data: no marker at byte {pos}, where the segment before ends")
+            return
+        marker = buf[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker == 0xD9:
+            return
+        if scanned and (0x02 <= marker <= 0xBF or marker == 0xD8):
+            raise JpegError(f"corrupt JPEG data: 0xFF 0x{marker:02X} at byte {pos} inside the scan data "
+                            "(neither a marker nor stuffing)")
+        if marker in _STANDALONE:
+            pos += 2
+            continue
+        end = pos + 2 + ((buf[pos + 2] << 8) | buf[pos + 3])
+        if scanned and end + 2 > n:
+            raise JpegError(f"corrupt JPEG data: marker 0xFF 0x{marker:02X} at byte {pos} announces a segment "
+                            "past the end of the data")
+        if marker != 0xDA:
+            pos = end
+            continue
+        if marks is None:
+            ff = np.flatnonzero(arr[:-1] == 0xFF)
+            after = arr[ff + 1]
+            marks = ff[(after != 0x00) & (after != 0xFF) & ((after < 0xD0) | (after > 0xD7))]
+        i = int(np.searchsorted(marks, end))
+        if i == len(marks):
+            return
+        pos = int(marks[i])
+        scanned = True
+
+
 def jpeg_header(data: bytes | memoryview) -> JpegHeader:
     """Frame size, channels and EXIF orientation of a JPEG; :class:`JpegError` saying what is wrong."""
     buf = memoryview(data)
@@ -107,6 +157,7 @@ def jpeg_header(data: bytes | memoryview) -> JpegHeader:
             channels = buf[pos + 9]
             if height == 0 or width == 0:
                 raise JpegError(f"JPEG frame has zero size ({width}x{height})")
+            check_scan_markers(buf, pos + 2 + length)
             return JpegHeader(height, width, channels, orientation)
         if marker == 0xDA:  # start of scan before any frame header
             break
