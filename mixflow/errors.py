@@ -18,6 +18,9 @@ class ConfigError(MixflowError):
         lines += [f"  {path}: {msg}" for path, msg in problems]
         super().__init__("\n".join(lines))
 
+    def __reduce__(self):  # pickled with its fields (raised in an actor, it reaches the driver whole)
+        return type(self), (self.problems, self.source)
+
 
 class DataError(MixflowError):
     """A problem with a shard or a sample. Names the shard, the key and the byte offset when known."""

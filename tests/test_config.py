@@ -243,3 +243,15 @@ def test_spec_mix_section_builds_a_mixer():
         # batch-mode mixup_cutmix reports the method it picked for the batch
         assert mb.method in ({method} if method != "mixup_cutmix" else {"mixup", "cutmix"})
         torch.testing.assert_close(mb.targets.sum(1), torch.ones(4))
+
+
+def test_config_error_pickles_with_its_problems():
+    """Raised inside an actor (a pipeline host validating its spec), it must reach the driver whole:
+    Ray pickles it; a custom __init__ without __reduce__ comes back as UnserializableException."""
+    import pickle
+
+    from mixflow.errors import ConfigError
+
+    error = pickle.loads(pickle.dumps(ConfigError([("decode.size", "must be positive")], "spec.yaml")))
+    assert error.problems == [("decode.size", "must be positive")] and error.source == "spec.yaml"
+    assert str(error) == "invalid pipeline spec in spec.yaml:\n  decode.size: must be positive"
