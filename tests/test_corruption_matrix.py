@@ -560,13 +560,14 @@ def test_an_all_bad_last_batch_is_still_quarantined(clean, tmp_path):
 # --------------------------------------------------------------------------- image cases, Ray pipeline
 
 
-# Each damages its own shard rows (non_integer_label before truncated_tar, which cuts the same shard;
-# adjacent_duplicate after the other shard-3 cases, which it keeps); corrupt_index drops shard 1 (stage level only).
+# Each damages its own shard rows (non_integer_label and garbage_entropy before truncated_tar, which
+# cuts the same shard; adjacent_duplicate after the other shard-3 cases, which it keeps); corrupt_index
+# drops shard 1 (stage level only).
 ALL_STREAM_AND_SHARD_CASES = ("truncated_jpeg", "not_an_image", "dali_rejects", "missing_cls", "label_out_of_range",
-                              "non_integer_label", "truncated_tar", "empty_file", "missing_shard", "exif_rotated",
-                              "zero_byte_image", "random_bytes", "png_named_jpg", "png_16bit", "huge_header",
-                              "uppercase_extensions", "dangling_symlink", "adjacent_duplicate",
-                              "duplicate_across_shards", "garbage_entropy")
+                              "non_integer_label", "garbage_entropy", "truncated_tar", "empty_file", "missing_shard",
+                              "exif_rotated", "zero_byte_image", "random_bytes", "png_named_jpg", "png_16bit",
+                              "huge_header", "uppercase_extensions", "dangling_symlink", "adjacent_duplicate",
+                              "duplicate_across_shards")
 
 
 def test_pipeline_skip_quarantines_every_case_and_delivers_the_rest(ray_session, clean, tmp_path):
@@ -646,7 +647,7 @@ def test_stage_error_unwraps_nested_ray_task_errors():
     outer = ray.exceptions.RayTaskError("MixerActor.run", "Traceback ...\n  ^^^^", inner.as_instanceof_cause())
     err = stage_error("mixer r1", outer.as_instanceof_cause())
     assert isinstance(err, PipelineDataError) and isinstance(err, DataError)
-    assert str(err) == "shard s.tar, key 'k': DALI could not decode the image: [/opt/dali/dali/util/crop_window.h:91] bad"
+    assert str(err) == f"shard s.tar, key 'k': {data.reason}"
     assert (err.shard, err.key, err.stage) == ("s.tar", "k", "mixer r1")
     other = stage_error("mixer r0", ray.exceptions.RayTaskError("MixerActor.run", "tb", PipelineError("reader gone")))
     assert str(other) == "mixer r0 failed: reader gone"
