@@ -1,12 +1,15 @@
 """Find the shards of a dataset and their sample counts, reporting every shard that is unusable.
 
 Listing is where whole-shard problems show up: a shard file that is missing while its
-index remains, a shard that is empty or not a tar, and a tar that was cut short (no
-end-of-archive marker). Each becomes a :class:`DataError` naming the shard (and the
-sample key and byte offset when known) and goes through a :class:`BadSamplePolicy`:
-``raise`` stops the listing; ``skip`` records it and the listing goes on. What a
-damaged shard still holds stays listed; the samples it lost are quarantined one by
-one when read (their components come back short), so nothing disappears silently.
+index remains, a dangling symlink, a shard that is empty or not a tar, an index that
+cannot be parsed (file and line named), a tar that was cut short (no end-of-archive
+marker), and duplicate keys (a second copy of a sample, adjacent or not). Each becomes a
+:class:`DataError` naming the shard (and the sample key and byte offset when known) and
+goes through a :class:`BadSamplePolicy`: ``raise`` stops the listing; ``skip`` records it
+and the listing goes on. What a damaged shard still holds stays listed; the samples it
+lost are quarantined one by one when read (their components come back short), so
+nothing disappears silently; of duplicate keys the first copy stays and the later ones
+are never read (``ShardInfo.skip_rows``).
 """
 
 from __future__ import annotations
