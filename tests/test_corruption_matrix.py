@@ -595,9 +595,10 @@ def test_pipeline_skip_quarantines_every_case_and_delivers_the_rest(ray_session,
 
 
 # Under raise, the stream cases stop the 2-rank pipeline from inside a mixer (the fused reader; for
-# missing_cls, two decoder actors per rank, so the mixer re-raises its reader's error): a header check,
-# a label check and a DALI failure (the Ray task errors are unwrapped).
-PIPELINE_RAISE_CASES = ("truncated_jpeg", "png_named_jpg", "missing_cls", "dali_rejects")
+# missing_cls, two decoder actors per rank, so the mixer re-raises its reader's error): one case per
+# kind of check (header, component, pixel limit, DALI failure); every stream case raises the same
+# DataError at stage level above, and the Ray task errors are unwrapped alike.
+PIPELINE_RAISE_CASES = ("truncated_jpeg", "png_16bit", "missing_cls", "huge_header", "dali_rejects")
 
 
 @pytest.mark.timeout(300)  # stops with the error, never hangs
