@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from mixflow.data.bad_samples import BadSamplePolicy
+from mixflow.data.object_store import StoreConfig, is_url
 from mixflow.data.tar_index import Component, IndexedSample, read_index, split_name, write_index
 from mixflow.errors import DataError
 
@@ -34,6 +35,9 @@ class ShardInfo:
     num_samples: int
     # rows never delivered: later copies of a key an earlier row already holds (quarantined at listing)
     skip_rows: tuple[int, ...] = ()
+    # a shard in object storage: ``path`` is its URL, ``index_path`` the local mirror of its index
+    size: int | None = None
+    store: StoreConfig | None = None
 
 
 def _scan_tar(tar_path: str | Path) -> list[list[Component]]:
@@ -78,19 +82,22 @@ def index_tar(tar_path: str | Path, index_path: str | Path) -> int:
     return len(groups)
 
 
-def tar_truncation(tar_path: str | Path, samples: list[IndexedSample], index_built: bool = False) -> DataError | None:
+def tar_truncation(tar_path: str | Path, samples: list[IndexedSample], index_built: bool = False,
+                   size: int | None = None, tail: bytes | None = None) -> DataError | None:
     """A :class:`DataError` if the tar lacks its end-of-archive marker (it was cut short), else ``None``.
 
     The error's offset is the file size; its reason names the indexed samples whose data
     lies past the end (each is quarantined when read), how many bytes are missing, and warns
     that members after the cut that no index lists cannot be recovered. ``index_built``: the
     index was just built from this (truncated) tar, so no key after the cut is known at all
-    and the missing bytes are a lower bound (the cut member's announced size).
+    and the missing bytes are a lower bound (the cut member's announced size). ``size`` and
+    ``tail`` (the last ``END_OF_ARCHIVE`` bytes), when given, stand for the file (a remote shard).
     """
-    size = os.path.getsize(tar_path)
-    with open(tar_path, "rb") as fh:
-        fh.seek(max(0, size - END_OF_ARCHIVE))
-        tail = fh.read()
+    if size is None or tail is None:
+        size = os.path.getsize(tar_path)
+        with open(tar_path, "rb") as fh:
+            fh.seek(max(0, size - END_OF_ARCHIVE))
+            tail = fh.read()
     if size >= END_OF_ARCHIVE and not any(tail):
         return None
     cut = [s.key for s in samples if any(c.offset + c.size > size for c in s.components.values())]
@@ -173,15 +180,23 @@ def _missing_shard(idx: Path, policy: BadSamplePolicy, why: str = "shard file is
         policy.handle(DataError(reason, shard=str(tar), key=sample.key))
 
 
-def list_shards(directory: str | Path, policy: BadSamplePolicy | None = None) -> list[ShardInfo]:
+def list_shards(directory: str | Path, policy: BadSamplePolicy | None = None,
+                store: StoreConfig | None = None) -> list[ShardInfo]:
     """All usable ``*.tar`` shards of a directory, sorted by name, each with its index (built if missing).
 
     Unusable shards (see the module docstring) go through ``policy``; without one they
     raise. In ``skip`` mode the records are in ``policy.records`` (``epoch`` None): keyed
     records for samples whose shard is gone, key-less ones for shard-wide problems.
+    ``directory`` may be a URL (``s3://``, ``gs://``, ``https://``, ``file://``): see
+    :func:`mixflow.data.remote_listing.list_remote_shards` (``store``: its cache and options).
     """
-    directory = Path(directory)
     policy = policy or BadSamplePolicy("raise")
+    if is_url(directory):
+        from mixflow.data.remote_listing import list_remote_shards
+
+        shards = list_remote_shards(str(directory), policy, store or StoreConfig.make(None, None, None))
+        return _drop_duplicate_keys(shards, policy)
+    directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"shard directory {directory} does not exist")
     tars = {p.stem: p for p in directory.glob("*.tar")}
