@@ -638,6 +638,13 @@ class LMTrainerSpec(_Strict):
         None, ge=0, description="Report <grad L_val, grad L_d> every N steps (TiKMiX, DoGE). "
                                 "None: every 5 steps when the policy uses them, else never.")
     throttle: dict[int, float] = Field(default_factory=dict, description="Seconds of sleep per step by rank.")
+    save_model: str | None = Field(
+        None, description="Rank 0 of the built-in LM loop saves the trained model here at the end (e.g. DoReMi's "
+                          "reference model, trained on the stratified mixture).")
+    reference_model: str | None = Field(
+        None, description="A model saved by trainer.save_model (same trainer.model and sizes): the built-in LM "
+                          "loop measures its per-domain loss on every batch and reports it as ref_loss (DoReMi's "
+                          "proxy phase).")
 
     _entrypoint = field_validator("entrypoint")(lambda v: _check_entrypoint(v))
 
@@ -653,6 +660,25 @@ class TokenPipelineSpec(_Strict):
     channel: ChannelSpec = ChannelSpec()
     runtime: RuntimeSpec = RuntimeSpec()
     trainer: LMTrainerSpec = LMTrainerSpec()
+
+    @model_validator(mode="after")
+    def _policy_gets_its_inputs(self) -> "TokenPipelineSpec":
+        mix, t = self.mixture, self.trainer
+        if mix.policy == "doremi":
+            table = mix.params.get("ref_loss")
+            if table is None and t.reference_model is None and t.entrypoint is None:
+                raise ValueError("mixture.params.ref_loss: DoReMi needs reference losses: give a per-domain table "
+                                 "(mixture.params.ref_loss: [...], one value per domain) or a reference model "
+                                 "(trainer.reference_model: a file written by a run with trainer.save_model, "
+                                 "e.g. on the stratified mixture)")
+            domains = self.data.machine_domains
+            if table is not None and domains and len(table) != len(domains):
+                raise ValueError(f"mixture.params.ref_loss: {len(table)} values for {len(domains)} domains "
+                                 f"({', '.join(domains)})")
+        if t.reference_model is not None and t.entrypoint is not None:
+            raise ValueError("trainer.reference_model: only the built-in LM loop (trainer.model) reads it; "
+                             "your trainer.entrypoint reports ref_loss itself")
+        return self
 
     @property
     def run_path(self) -> Path:

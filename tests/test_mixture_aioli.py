@@ -268,10 +268,64 @@ def test_paper_settings_are_the_defaults():
     for m, key in ((2, 2), (3, 3), (4, 3), (7, 7), (9, 7)):
         policy = AioliPolicy(m)
         s = AIOLI_PAPER_SETTINGS[key]
-        assert (policy.lp_rounds, policy.lp_steps, policy.eta, policy.ema, policy.one_hot_factor) == (
-            s["lp_rounds"], s["lp_steps"], s["eta"], s["ema"], s["one_hot_factor"])
+        assert (policy.lp_rounds, policy.eta, policy.ema, policy.one_hot_factor) == (
+            s["lp_rounds"], s["eta"], s["ema"], s["one_hot_factor"])
         assert paper_setting(m) == s
+        if m == key:
+            assert (policy.lp_steps, policy.steps_per_round) == (s["lp_steps"], s["steps_per_round"])
     assert AioliPolicy(2).steps_per_round == 218 and AioliPolicy(7).steps_per_round == 60
+    assert AioliPolicy(3).update == "eg" and AioliPolicy(3).normalize
+
+
+def _round(policy):
+    return policy.lp_rounds * policy.lp_steps * policy.m + policy.steps_per_round
+
+
+def test_round_length_and_learnparams_share_of_the_nearest_paper_m():
+    # m = 4 keeps m = 3's 250-step round and ~29% LearnParams share (was 4 x 6 x 4 + 178 = 274)
+    four = AioliPolicy(4)
+    assert _round(four) == 250 and (four.lp_steps, four.steps_per_round) == (4, 186)
+    # m = 8 keeps m = 7's 200-step round, 72% sweeps (paper m = 7: 70%; was 160 of 220, 73%)
+    eight = AioliPolicy(8)
+    assert _round(eight) == 200 and eight.lp_rounds * eight.lp_steps * 8 == 144
+
+
+@pytest.mark.parametrize("m, total", [(2, 5000), (3, 5000), (7, 40000)])
+def test_total_steps_at_the_paper_budget_gives_the_papers_rounds(m, total):
+    policy = AioliPolicy(m, total_steps=total)
+    s = AIOLI_PAPER_SETTINGS[m]
+    assert (policy.lp_steps, policy.steps_per_round) == (s["lp_steps"], s["steps_per_round"])
+    assert policy.rounds == {2: 20, 3: 20, 7: 200}[m]
+
+
+@pytest.mark.parametrize("m, total", [(2, 300), (3, 61), (4, 300), (4, 1000), (8, 500), (5, 97)])
+def test_fitted_rounds_end_on_a_learned_mixture(m, total):
+    """Drive the policy through the run's budget: every LearnParams pass completes, and the last
+    mixture (trained to the end, at least one step) is a learned one."""
+    policy = AioliPolicy(m, total_steps=total)
+    key = 2 if m <= 2 else 3 if m <= 4 else 7
+    share = AIOLI_PAPER_SETTINGS[key]["lp_rounds"] * AIOLI_PAPER_SETTINGS[key]["lp_steps"] * key / (
+        AIOLI_PAPER_SETTINGS[key]["lp_rounds"] * AIOLI_PAPER_SETTINGS[key]["lp_steps"] * key
+        + AIOLI_PAPER_SETTINGS[key]["steps_per_round"])
+    lp = policy.lp_rounds * policy.lp_steps * m
+    assert abs(lp / _round(policy) - share) < 0.12
+    A = np.eye(m) * 0.01 + 0.001
+    trainer = LinearLawTrainer(A, np.full(m, 10.0), open_ended_steps=0)
+    used = 0
+    while policy.phase != "final":
+        mix = policy.mixture()
+        used += max(mix.steps, 1)
+        trainer.run_mixture(policy)
+    assert policy.round == policy.rounds and policy.learn is None
+    assert used <= total - 1, "the learned mixture gets at least one step"
+    assert total - used < lp + policy.steps_per_round + 1  # no room was left for another round
+
+
+def test_rounds_that_cannot_fit_the_budget_are_refused():
+    with pytest.raises(ValueError, match="rounds=6 do not fit total_steps=100"):
+        AioliPolicy(3, lp_rounds=1, lp_steps=3, steps_per_round=10, rounds=6, total_steps=100)
+    with pytest.raises(ValueError, match="too short for one Aioli round"):
+        AioliPolicy(3, lp_rounds=2, lp_steps=3, total_steps=10)
 
 
 @pytest.mark.parametrize("kwargs, message", [

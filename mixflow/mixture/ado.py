@@ -297,6 +297,7 @@ class ADOPolicy(MixturePolicy):
     """ADO: mixture from per-domain power-law learning speeds, prior and credit."""
 
     name = "ado"
+    inputs = ("train_loss",)
 
     def __init__(self, num_domains: int, prior: np.ndarray | None = None, gamma: float = 0.1,
                  s: float = 0.5, d_min: float = 0.01, history_decay: float = 0.9, min_points: int = 8,

@@ -40,6 +40,7 @@ class DoGEPolicy(MixturePolicy):
     """DoGE domain weights updated from per-domain gradient alignment with the target."""
 
     name = "doge"
+    inputs = ("grad_dot_val",)
 
     def __init__(self, num_domains: int, eta: float = 1e-3, mu: float = 1e-3,
                  initial: np.ndarray | None = None, floor: float = 0.0):

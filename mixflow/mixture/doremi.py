@@ -13,6 +13,15 @@ Defaults ``eta = 1``, ``c = 1e-3`` (the paper's). The policy publishes the curre
 ``alpha``; DoReMi's *output* weights (what a final run would train on) are the average
 of all alphas so far, :meth:`DoReMiPolicy.average_weights`.
 
+Where the reference losses come from (DoReMi needs one of them; a pipeline spec with
+neither is refused, see ``mixflow.config.TokenPipelineSpec``):
+
+- a **reference model** trained first on the stratified mixture (the paper's step 1): the
+  built-in LM loop loads it (``trainer.reference_model``), measures its per-domain loss on
+  every batch the proxy trains on and reports it as ``feedback.ref_loss``;
+- a **reference table** ``ref_loss`` (one value per domain, e.g. the per-domain losses a
+  reference model reached), used for every report that carries no ``ref_loss`` of its own.
+
 Where the excess loss comes from (checked in this order):
 
 - ``feedback.extra["token_loss"]`` and ``feedback.extra["ref_token_loss"]``: sequences of
@@ -21,7 +30,8 @@ Where the excess loss comes from (checked in this order):
   ``max(., 0)`` applies per token. Per-token arrays travel in ``extra``, which the
   per-rank feedback merger does not combine, so use them with one reporting rank or
   when driving the policy directly.
-- otherwise ``feedback.train_loss`` vs ``feedback.ref_loss`` (per-domain means):
+- otherwise ``feedback.train_loss`` vs ``feedback.ref_loss`` (per-domain means; the
+  ``ref_loss`` table where the report has none):
   ``lambda_d = max(train_loss_d - ref_loss_d, 0)``. The clip then applies to the means,
   which is a lower bound on the per-token form (``max`` of a mean <= mean of ``max``).
 
@@ -50,9 +60,22 @@ class DoReMiPolicy(MixturePolicy):
 
     name = "doremi"
 
+    inputs = ("train_loss", "ref_loss")
+
     def __init__(self, num_domains: int, eta: float = 1.0, smoothing: float = 1e-3,
+                 ref_loss: list[float] | np.ndarray | None = None,
                  initial: np.ndarray | None = None, floor: float = 0.0):
         super().__init__(num_domains, initial, floor)
+        self.ref_table = None
+        if ref_loss is not None:
+            table = np.asarray(ref_loss, dtype=np.float64)
+            if table.shape != (num_domains,):
+                raise ValueError(f"ref_loss must hold one reference loss per domain ({num_domains}), "
+                                 f"got shape {table.shape}")
+            if not np.all(np.isfinite(table)) or np.any(table < 0):
+                raise ValueError(f"ref_loss must be finite and >= 0, got {table.tolist()}")
+            self.ref_table = table
+            self.inputs = ("train_loss",)
         if not (np.isfinite(eta) and eta > 0):
             raise ValueError(f"eta must be a finite number > 0, got {eta}")
         if not 0.0 <= smoothing <= 1.0:
@@ -69,10 +92,11 @@ class DoReMiPolicy(MixturePolicy):
         """``lambda`` for this report, or None when it carries no usable losses."""
         if "token_loss" in feedback.extra or "ref_token_loss" in feedback.extra:
             return self._token_excess(feedback)
-        if feedback.train_loss is None or feedback.ref_loss is None:
+        ref_loss = feedback.ref_loss if feedback.ref_loss is not None else self.ref_table
+        if feedback.train_loss is None or ref_loss is None:
             return None
         loss = clean_losses(feedback.train_loss, "train_loss")
-        ref = clean_losses(feedback.ref_loss, "ref_loss")
+        ref = clean_losses(ref_loss, "ref_loss")
         if loss is None or ref is None:
             return None
         for name, values in (("train_loss", loss), ("ref_loss", ref)):

@@ -46,6 +46,7 @@ class ODMPolicy(MixturePolicy):
     """EXP3 over domains with a smoothed exp(loss) reward estimate."""
 
     name = "odm"
+    inputs = ("train_loss",)
 
     def __init__(self, num_domains: int, smoothing: float = 0.5, floor: float = 0.0):
         super().__init__(num_domains, None, floor)

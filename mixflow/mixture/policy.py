@@ -131,6 +131,8 @@ class MixturePolicy(ABC):
     """
 
     name: str = "policy"
+    # the Feedback fields this policy moves on (mixflow.mixture.input_watch warns when one never arrives)
+    inputs: tuple[str, ...] = ()
 
     def __init__(self, num_domains: int, initial: np.ndarray | None = None, floor: float = 0.0):
         if num_domains < 1:
@@ -168,6 +170,10 @@ class MixturePolicy(ABC):
         """Replace version 0 (before any feedback), e.g. a first LearnParams sweep mixture."""
         p = apply_floor(check_distribution(mixture.p, self.m, where=f"{self.name} start"), self.floor)
         self._current = Mixture(p, 0, mixture.steps, mixture.eval_after)
+
+    def run_stats(self) -> dict[str, Any]:
+        """Numbers about the run so far that a summary shows (JSON-ready); none by default."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         cur = self._current

@@ -77,6 +77,7 @@ class TiKMiXDPolicy(MixturePolicy):
     """TiKMiX-D: ``p ∝ p * exp(tau * I)`` from first-order group influence."""
 
     name = "tikmix_d"
+    inputs = ("grad_dot_val",)
 
     def __init__(self, num_domains: int, tau: float = 0.5, reports_per_update: int = 10,
                  normalize: bool = True, initial: np.ndarray | None = None, floor: float = 0.0):
@@ -135,6 +136,7 @@ class TiKMiXMPolicy(MixturePolicy):
         if target not in TIKMIX_TARGETS:
             raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TIKMIX_TARGETS)}")
         self.target = target
+        self.inputs = ("eval_loss",) if target == "eval_loss" else ("grad_dot_val",)
         self.tau = _check_tau(tau)
         self.model = MixtureRegression(num_domains, degree, ridge)
         self.min_records = 2 * num_domains if min_records is None else int(min_records)

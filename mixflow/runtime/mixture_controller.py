@@ -22,6 +22,12 @@ half-merged reports, trajectory — plus the events since), and a restarted cont
 (Ray ``max_restarts``) reloads the snapshot and replays the events, so the policy's state
 survives the actor's death. A new controller (not a restart) starts a new journal from
 its checkpoint (``initial_state``) or from the policy's start.
+
+A policy whose inputs (``MixturePolicy.inputs``: ``ref_loss``, ``grad_dot_val``,
+``eval_loss``, ...) never arrive cannot move; the controller warns once (its log) naming the
+policy and the field after ``INPUT_WARN_AFTER`` merged reports without it
+(:class:`~mixflow.mixture.input_watch.InputWatch`), and ``stats()["missing_inputs"]``
+lists such fields (the run summary shows them and warns).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import numpy as np
 import ray
 
 from mixflow.mixture.feedback_merge import FeedbackMerger
+from mixflow.mixture.input_watch import InputWatch
 from mixflow.mixture.policy import Feedback, Mixture, MixturePolicy
 from mixflow.runtime.state_journal import StateJournal
 
@@ -50,6 +57,9 @@ def feedback_from(message: dict[str, Any]) -> Feedback:
                     **arrays)
 
 
+INPUT_WARN_AFTER = 20
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class MixtureController:
     def __init__(self, policy_name: str, policy_params: dict, num_domains: int, world_size: int,
@@ -58,6 +68,7 @@ class MixtureController:
 
         self.policy: MixturePolicy = build_policy(policy_name, num_domains, **policy_params)
         self.merger = FeedbackMerger(world_size)
+        self.watch = InputWatch(policy_name, self.policy.inputs, INPUT_WARN_AFTER)
         self.world_size = world_size
         self._at_checkpoint: dict[int, set[int]] = {}  # step -> ranks waiting in checkpoint(step)
         self.trajectory: list[dict[str, Any]] = []
@@ -146,6 +157,7 @@ class MixtureController:
         if kind == "train":
             for old in [s for s in self._assigned if s <= merged.step]:
                 del self._assigned[old]
+        self.watch.see(merged)  # a MissingInputWarning (the actor's log) once an input is overdue
         start = time.perf_counter()
         if merged.version != self.policy.mixture().version:
             self.stale_reports += 1
@@ -175,7 +187,9 @@ class MixtureController:
         lat = np.asarray(self.latencies_ms) if self.latencies_ms else np.zeros(1)
         return {"version": self.policy.mixture().version, "updates": len(self.latencies_ms),
                 "latency_ms_p50": float(np.percentile(lat, 50)), "latency_ms_p99": float(np.percentile(lat, 99)),
-                "stale_reports": self.stale_reports, "pending": self.merger.pending, "restored": self.restored}
+                "stale_reports": self.stale_reports, "pending": self.merger.pending, "restored": self.restored,
+                "missing_inputs": self.watch.missing() if self.watch.reports else [],
+                "policy": _plain(self.policy.run_stats())}
 
     def get_trajectory(self) -> list[dict[str, Any]]:
         return list(self.trajectory)
@@ -186,6 +200,7 @@ class MixtureController:
     def state_dict(self) -> dict[str, Any]:
         return {"policy": _plain(self.policy.state_dict()), "merger": self.merger.state_dict(),
                 "trajectory": self.trajectory, "stale_reports": self.stale_reports, "merged_log": self.merged_log,
+                "watch": self.watch.state_dict(),
                 "assigned": {str(k): v for k, v in self._assigned.items()},
                 "used": {str(k): v for k, v in self._used.items()}}
 
@@ -195,6 +210,8 @@ class MixtureController:
         self.trajectory = list(state["trajectory"])
         self.stale_reports = int(state["stale_reports"])
         self.merged_log = list(state["merged_log"])
+        if "watch" in state:
+            self.watch.load_state_dict(state["watch"])
         self._assigned = {int(k): v for k, v in state["assigned"].items()}
         self._used = {int(k): v for k, v in state["used"].items()}
 

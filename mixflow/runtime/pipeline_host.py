@@ -50,7 +50,8 @@ from mixflow.runtime.ledger import check_epoch
 from mixflow.runtime.mixture_controller import MixtureController
 from mixflow.runtime.stage_failure import stage_error, stop_stages
 from mixflow.runtime.summary import RankSummary, RunSummary
-from mixflow.runtime.token_pipeline import (TokenRunSummary, grad_stats_every, held_out_sets, prepare_domains,
+from mixflow.runtime.token_pipeline import (TokenRunSummary, grad_stats_every, held_out_sets, policy_params,
+                                            prepare_domains,
                                             token_stream_fields)
 from mixflow.runtime.token_producer import TokenProducer
 from mixflow.data.token_shard_writer import read_manifest
@@ -172,9 +173,7 @@ class PipelineHost:
         from mixflow.runtime.state_journal import StateJournal
 
         spec = self.spec
-        params = dict(spec.mixture.params)
-        if spec.mixture.floor:
-            params["floor"] = spec.mixture.floor
+        params = policy_params(spec)
         path = spec.run_path / "controller_state.json"
         StateJournal(path).remove()
         return MixtureController.remote(spec.mixture.policy, params, len(self._domain_dirs), self.world_size,
@@ -435,6 +434,7 @@ class PipelineHost:
                                   [r.get("wait_s", 0.0) for r in ranks], [], trajectory, stats, len(skipped),
                                   [], [r.get("batches", []) for r in ranks], reports)
         summary.save(spec.run_path / "summary.json")
+        summary.warn_missing_inputs()
         if skipped:
             write_quarantine(spec.run_path / "quarantine.jsonl", skipped)
         return summary
@@ -453,6 +453,10 @@ def resolve_paths(raw: dict, base: Path) -> dict:
     if sep and module.endswith(".py"):
         trainer["entrypoint"] = f"{(base / module).resolve()}:{function}"
         out["trainer"] = trainer
+    for key in ("save_model", "reference_model"):  # token pipelines: DoReMi's reference model
+        if trainer.get(key):
+            trainer[key] = str((base / trainer[key]).resolve())
+            out["trainer"] = trainer
     run_dir = raw.get("run_dir") or f"runs/{raw.get('name', 'run')}"
     out["run_dir"] = str((base / run_dir).resolve())
     return out

@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from mixflow.data.text_domains import machine_documents
 from mixflow.data.token_shard_writer import MANIFEST, read_manifest, write_domain_splits
 from mixflow.data.token_source import TokenSource
 from mixflow.errors import DataError, PipelineError
+from mixflow.mixture.input_watch import MissingInputWarning
 from mixflow.runtime.channel import Channel
 from mixflow.runtime.mixture_controller import MixtureController
 from mixflow.runtime.state_journal import StateJournal
@@ -92,6 +94,18 @@ def grad_stats_every(spec: TokenPipelineSpec) -> int:
     return every
 
 
+def policy_params(spec: TokenPipelineSpec) -> dict:
+    """The policy's keyword arguments: ``mixture.params``, the floor, and what the run decides
+    for it: Aioli's ``total_steps`` (``trainer.steps``, so its rounds fit the run and the run
+    ends on a learned mixture) unless given."""
+    params = dict(spec.mixture.params)
+    if spec.mixture.floor:
+        params["floor"] = spec.mixture.floor
+    if spec.mixture.policy == "aioli":
+        params.setdefault("total_steps", spec.trainer.steps)
+    return params
+
+
 def token_stream_fields(spec: TokenPipelineSpec, domain_dirs: list[Path]) -> dict:
     """The spec fields that decide a token stream; a feed state must match them."""
     return {"seed": spec.seed, "policy": spec.mixture.policy, "params": spec.mixture.params,
@@ -118,6 +132,28 @@ class TokenRunSummary:
     reports: list[dict] = field(default_factory=list)  # merged feedback: kind, version, step, counts
 
     @property
+    def missing_inputs(self) -> list[str]:
+        """Feedback fields the policy moves on that no report carried (it could not move)."""
+        return list(self.controller.get("missing_inputs") or [])
+
+    @property
+    def learn_params_share(self) -> float | None:
+        """Aioli: the share of the run's training steps spent in LearnParams sweeps (None for
+        other policies)."""
+        sweeps = (self.controller.get("policy") or {}).get("sweep_versions")
+        if sweeps is None or not self.batches:
+            return None
+        trained = [b for b in self.batches[0] if sum(b["counts"])]
+        swept = set(sweeps)
+        return sum(b["version"] in swept for b in trained) / len(trained) if trained else 0.0
+
+    def warn_missing_inputs(self) -> None:
+        if self.missing_inputs:
+            warnings.warn(f"mixture policy {self.policy!r} never received {', '.join(self.missing_inputs)} "
+                          f"during the run, so it kept its first mixture (see mixflow.mixture.input_watch)",
+                          MissingInputWarning, stacklevel=3)
+
+    @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.wall_s if self.wall_s else 0.0
 
@@ -132,7 +168,8 @@ class TokenRunSummary:
 
     def to_json(self) -> dict:
         return {**asdict(self), "tokens_per_s": self.tokens_per_s, "test_perplexity": self.test_perplexity,
-                "mean_perplexity": self.mean_perplexity}
+                "mean_perplexity": self.mean_perplexity, "missing_inputs": self.missing_inputs,
+                "learn_params_share": self.learn_params_share}
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +188,11 @@ class TokenRunSummary:
         c = self.controller
         console.print(f"mixture versions: {c['version'] + 1}; controller update latency p50 {c['latency_ms_p50']:.2f} ms, "
                       f"p99 {c['latency_ms_p99']:.2f} ms; mean test perplexity {self.mean_perplexity:.3f}")
+        if self.learn_params_share is not None:
+            console.print(f"LearnParams sweeps: {100 * self.learn_params_share:.1f}% of the training steps")
+        if self.missing_inputs:
+            console.print(f"[yellow]policy {escape(self.policy)} never received {', '.join(self.missing_inputs)}: "
+                          "it could not move its mixture[/]")
         console.print("waiting for data per rank: " + ", ".join(f"r{r}: {w:.1f} s" for r, w in enumerate(self.wait_s)))
         if self.skipped:
             console.print(f"[yellow]{self.skipped} bad documents skipped (see quarantine.jsonl)[/]")
@@ -177,9 +219,7 @@ class TokenPipeline:
         state_path = run_dir / "controller_state.json"
         StateJournal(state_path).remove()  # no earlier run's history for a restarted controller to resume
         resume = self.resume_from
-        params = dict(spec.mixture.params)
-        if spec.mixture.floor:
-            params["floor"] = spec.mixture.floor
+        params = policy_params(spec)
         m = len(domain_dirs)
         manifest = read_manifest(domain_dirs[0] / "train")
         pad_id = manifest.pad_id
@@ -253,6 +293,7 @@ class TokenPipeline:
         if skipped:
             write_quarantine(spec.run_path / "quarantine.jsonl", skipped)
         return summary
+        summary.warn_missing_inputs()
 
     def _checkpoint(self, step: int) -> dict:
         ranks = ray.get([tr.checkpoint.remote() for tr in self.trainers])
