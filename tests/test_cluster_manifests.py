@@ -645,3 +645,26 @@ def test_kuberay_entrypoints():
     assert "run_dir=''" in problems
     assert check_run_command(job.replace("run_dir=", "rundir="), mounts, ("/data/shards",), ("/results",))
     assert check_run_command(job.replace("mixflow run", "python -m mixflow run"), mounts, ("/data/shards",), ("/results",))
+
+
+def test_readme_cluster_commands():
+    """The README's cluster commands name files that exist and run specs the way the manifests do."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## How to run on a cluster"):]
+    section = section[:section.index("\n## ", 1)]
+    assert not re.search(r"^\s*ray submit", section, re.M) and "mixflow[cluster]" in section
+    for tool, flag in (("kubectl apply", "-f"), ("ray up", ""), ("docker build", "-f")):
+        named = re.findall(rf"{tool} {flag}\s*(cluster/\S+)", section)
+        assert named, f"the README's cluster section has no `{tool} {flag} cluster/...`"
+        for path in named:
+            assert (REPO / path.rstrip("`")).is_file(), path
+    launcher = {r.rstrip("/"): (REPO / l).resolve() for r, l in _load(LAUNCHER)["file_mounts"].items()}
+    image = {"/opt/mixflow/pipelines": REPO / "pipelines"}
+    runs = re.findall(r"(mixflow run /\S+(?: --[\w-]+(?: [^-\s'`]\S*)?)*)", section)
+    assert len(runs) >= 3, runs
+    for run in runs:
+        run = run.rstrip("'`")
+        if "/opt/mixflow/" in run:
+            assert check_run_command(run, image, ("/data/shards",), ("/results",)) == [], run
+        else:
+            assert check_run_command(run, launcher, ("/mnt/mixflow/shards",), ("/mnt/mixflow/results",)) == [], run
