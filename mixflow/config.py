@@ -298,6 +298,27 @@ class ChannelSpec(_Strict):
     _parse_size = field_validator("max_bytes", mode="before")(lambda v: parse_bytes(v))
 
 
+class StageResources(_Strict):
+    """What one actor of a stage asks Ray for (Ray's ``num_cpus``, ``num_gpus``, ``memory``, custom
+    ``resources``). A custom resource, e.g. ``{"data": 0.01}`` given to the nodes that hold the
+    shards (``ray start --resources '{"data": 1}'``), pins the stage to those nodes."""
+
+    num_cpus: float | None = Field(None, ge=0)
+    num_gpus: float | None = Field(None, ge=0)
+    memory: int | None = Field(None, ge=0, description="Bytes of memory Ray reserves for the actor (e.g. 2GiB).")
+    resources: dict[str, float] = Field(default_factory=dict)
+
+    _parse_size = field_validator("memory", mode="before")(lambda v: None if v is None else parse_bytes(v))
+
+    @field_validator("resources")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not v > 0 or k in ("CPU", "GPU", "memory")}
+        if bad:
+            raise ValueError(f"custom resources need a name other than CPU/GPU/memory and an amount > 0, got {bad}")
+        return value
+
+
 class RuntimeSpec(_Strict):
     readers_per_rank: int = Field(1, ge=1)
     fuse_reader: bool = Field(
@@ -306,8 +327,19 @@ class RuntimeSpec(_Strict):
     prefetch: int = Field(2, ge=1, description="Decoded batches requested ahead by each mixer.")
     address: str | None = Field(None, description="Ray address; None starts an embedded local Ray.")
     connect_timeout: float = Field(
-        600.0, gt=0, description="Seconds every rank has to connect its feed once the pipeline is up "
-                                 "(mixflow.start / serve); a rank that has not by then fails the pipeline, named.")
+        600.0, gt=0, description="Seconds the pipeline's actors have to start (placed and constructed), and "
+                                 "every rank has to connect its feed once the pipeline is up (mixflow.start / "
+                                 "serve); what has not by then fails the pipeline, named.")
+    resources: dict[Literal["decoder", "mixer", "trainer", "channel", "producer"], StageResources] = Field(
+        default_factory=dict,
+        description="Per stage, what each of its actors asks Ray for; unset fields take the defaults "
+                    "(mixflow.runtime.placement: on a multi-node cluster what the stage uses, e.g. a CPU per "
+                    "mixer and trainer, decode.threads per reader, a GPU per trainer on GPU clusters; on one "
+                    "node nothing, so any spec runs on a laptop).")
+    placement: Literal["colocate", "spread"] = Field(
+        "colocate", description="Multi-node: 'colocate' places each rank's trainer, mixer, channel (and readers, "
+                                "unless their resources pin them elsewhere) on one node, so batches go through "
+                                "the shared-memory ring; 'spread' leaves it to Ray's SPREAD strategy.")
 
 
 def _check_entrypoint(value: str | None) -> str | None:
@@ -467,15 +499,41 @@ def validate_mix(raw: dict[str, Any]) -> BaseModel:
         raise ConfigError(problems) from None
 
 
-def load_spec(path: str | Path, overrides: list[str] | None = None) -> "PipelineSpec | TokenPipelineSpec":
-    """Load a YAML spec; ``overrides`` are ``dotted.path=value`` strings (value parsed as YAML)."""
+def load_spec(path: str | Path, overrides: list[str] | None = None,
+              base: Path | None = None) -> "PipelineSpec | TokenPipelineSpec":
+    """Load a YAML spec; ``overrides`` are ``dotted.path=value`` strings (value parsed as YAML).
+    ``base``: resolve the spec's relative paths against it (:func:`resolve_paths`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([("<file>", f"no such pipeline spec: {path}")], str(path))
     raw = load_yaml(path.read_text(), str(path)) or {}
     for item in overrides or []:
         apply_override(raw, item)
+    if base is not None and isinstance(raw, dict):
+        raw = resolve_paths(raw, base)
     return validate_spec(raw, str(path))
+
+
+def resolve_paths(raw: dict, base: Path) -> dict:
+    """``data.shards``, ``run_dir`` and a file ``trainer.entrypoint`` made absolute against ``base``
+    (the driver's directory), so actors started anywhere on the cluster read, write and import
+    what the driver meant (a relative path would be taken from each worker's own directory)."""
+    data = dict(raw.get("data", {}))
+    if data.get("shards") and "://" not in str(data["shards"]):  # a URL is not a path
+        data["shards"] = str((base / data["shards"]).resolve())
+    out = {**raw, "data": data}
+    trainer = dict(raw.get("trainer", {}))
+    module, sep, function = str(trainer.get("entrypoint") or "").rpartition(":")
+    if sep and module.endswith(".py"):
+        trainer["entrypoint"] = f"{(base / module).resolve()}:{function}"
+        out["trainer"] = trainer
+    for key in ("save_model", "reference_model"):  # token pipelines: DoReMi's reference model
+        if trainer.get(key):
+            trainer[key] = str((base / trainer[key]).resolve())
+            out["trainer"] = trainer
+    run_dir = raw.get("run_dir") or f"runs/{raw.get('name', 'run')}"
+    out["run_dir"] = str((base / run_dir).resolve())
+    return out
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

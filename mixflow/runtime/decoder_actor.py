@@ -8,7 +8,6 @@ answers the retried request with exactly the batch the dead one would have sent.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import ray
@@ -16,6 +15,7 @@ import ray
 from mixflow.config import PipelineSpec
 from mixflow.data.listing import ShardInfo
 from mixflow.decode.decode_stage import DecodeStage
+from mixflow.runtime.placement import Placed
 
 RESTARTS = {"max_restarts": -1, "max_task_retries": -1}  # restart forever; requests are idempotent
 
@@ -32,7 +32,7 @@ def reader_stage(spec: PipelineSpec, shards: list[ShardInfo], reader: int, num_r
 
 
 @ray.remote(num_cpus=0, **RESTARTS)
-class DecoderActor:
+class DecoderActor(Placed):
     def __init__(self, spec_json: str, shards: list[ShardInfo], reader: int, num_readers: int, device: str,
                  first_epoch: int = 0, epoch_orders: dict[int, np.ndarray] | None = None):
         spec = PipelineSpec.model_validate_json(spec_json)
@@ -43,6 +43,3 @@ class DecoderActor:
         """Batch ``index`` of ``epoch`` (``None`` past the end); see :meth:`DecodeStage.batch`."""
         return self.stage.batch(epoch, index, start)
 
-    def placement(self) -> dict:
-        """Where this actor runs now (node id and process id): a restart changes the pid."""
-        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import ray
@@ -36,12 +37,15 @@ from rich.markup import escape
 from mixflow.config import PipelineSpec
 from mixflow.data.bad_samples import BadSamplePolicy, SkipRecord, write_quarantine
 from mixflow.data.demo_sets import build_demo
+from mixflow.data.label_check import check_num_classes
+from mixflow.data.shard_assignment import starved_warning
 from mixflow.data.listing import ShardInfo, dataset_keys, list_shards, lost_keys
 from mixflow.decode.device import resolve_decode_device
 from mixflow.runtime.batch_ring import remove_rings
 from mixflow.runtime import image_checkpoint as ckpt
 from mixflow.runtime.ledger import EpochLedger, check_epoch
 from mixflow.runtime.image_stages import start_image_stages
+from mixflow.runtime.placement import actor_options, rank_nodes, stage_options, wait_started, where
 from mixflow.runtime.progress import PipelineProgress
 from mixflow.runtime.ray_session import ensure_ray
 from mixflow.runtime.stage_failure import stop_stages, wait_for_stages
@@ -54,13 +58,24 @@ from mixflow.runtime.trainer_actor import TrainerRank
 def prepare_shards(spec: PipelineSpec, console: Console | None = None,
                    policy: BadSamplePolicy | None = None) -> list[ShardInfo]:
     """List the spec's shards, building the demo set first if asked and absent; unusable shards
-    go through ``policy`` (raise when None)."""
+    go through ``policy`` (raise when None). Then the shards are checked against the spec:
+    ``data.num_classes`` against their labels (a :class:`~mixflow.errors.ConfigError`), and
+    ranks or readers the layout leaves without data are warned about (on ``console``, else
+    with :func:`warnings.warn`)."""
     shard_dir = Path(spec.data.shards)
     if spec.data.demo and not any(shard_dir.glob("*.tar")):
         if console:
             console.print(f"building demo set '{spec.data.demo}' into {escape(str(shard_dir))}")
         build_demo(spec.data.demo, shard_dir, max_bytes=spec.data.shard_size)
-    return list_shards(shard_dir, policy)
+    shards = list_shards(shard_dir, policy)
+    check_num_classes(shard_dir, shards, spec.data.num_classes)
+    starved = starved_warning([s.num_samples for s in shards], spec.trainer.ranks, spec.runtime.readers_per_rank,
+                              spec.seed, spec.trainer.epochs)
+    if starved and console:
+        console.print(f"[yellow]warning:[/] data.shards: {escape(starved)}", markup=True, highlight=False)
+    elif starved:
+        warnings.warn(f"data.shards: {starved}", stacklevel=2)
+    return shards
 
 
 class ImagePipeline:
@@ -86,6 +101,7 @@ class ImagePipeline:
         self.record_digests = record_digests
         self.digests: dict[int, list] = {}
         self.rank_results: list = []  # what each rank's entrypoint returned, by rank
+        self.placement: list[dict] = []  # per rank, the node of each of its actors
         self.console = console or Console()
         self.show_progress = show_progress
         self.decoders: list = []
@@ -108,24 +124,41 @@ class ImagePipeline:
         spec, ranks = self.spec, self.spec.trainer.ranks
         spec_json = spec.model_dump_json()
         opts = self.actor_options
-        stages = start_image_stages(spec, shards, device, state, self.ring_tag, opts)
+        nodes = rank_nodes(spec, stage_options(spec, "trainer"))  # multi-node: a rank's actors on one node
+        stages = start_image_stages(spec, shards, device, state, self.ring_tag, opts, nodes)
         self.channels, self.mixers, self.decoders = stages.channels, stages.mixers, stages.decoders
         context = {"cuts": state["cuts"], "skipped_before_cuts": state["skipped_before_cuts"]}
         stream = ckpt.stream_fields(spec, shards)
-        self.trainers = [TrainerRank.options(**{"scheduling_strategy": "SPREAD", **opts["trainer"]}).remote(
+        self.trainers = [TrainerRank.options(**actor_options(spec, "trainer", device, nodes[r], opts)).remote(
             spec_json, r, ranks, self.channels[r], self.record_digests, {**state["rank_states"][r], **context},
             self.mixers[r], stream, [os.getcwd()])
             for r in range(ranks)]
+        # Start-up ends when every stage is up: mixers and readers build their DALI pipelines and
+        # load the compiled mixing kernels in their constructors.
+        wait_started(self._named_actors(), spec.runtime.connect_timeout)
         saved = state.get("checkpoints")
         if saved and len(saved) != ranks:
             saved = [saved[0]] * ranks  # elastic: data-parallel ranks hold the same weights
         master_addr, master_port = ray.get(self.trainers[0].address.remote())
         ray.get([t.setup.remote(master_addr, master_port, saved[r] if saved else None)
                  for r, t in enumerate(self.trainers)])
-        # Start-up ends when every stage is up: mixers and readers build their DALI pipelines and
-        # load the compiled mixing kernels in their constructors.
-        ray.get([a.placement.remote() for a in self.mixers + self.decoders]
-                + [ch.stats.remote() for ch in self.channels])
+        self.placement = self._where()
+
+    def _named_actors(self) -> dict:
+        """Stage name (as errors name them) -> actor, for every actor of the pipeline."""
+        return {**{f"trainer r{r}": t for r, t in enumerate(self.trainers)},
+                **{f"mixer r{r}": m for r, m in enumerate(self.mixers)},
+                **{f"channel r{r}": c for r, c in enumerate(self.channels)},
+                **{f"reader {i}": d for i, d in enumerate(self.decoders)}}
+
+    def _where(self) -> list[dict]:
+        """Per rank, the node each of its actors runs on."""
+        k = self.spec.runtime.readers_per_rank
+        nodes = where(self._named_actors())
+        return [{"rank": r, "trainer": nodes.get(f"trainer r{r}"), "mixer": nodes.get(f"mixer r{r}"),
+                 "channel": nodes.get(f"channel r{r}"),
+                 "readers": [nodes.get(f"reader {i}") for i in range(r * k, (r + 1) * k)] if self.decoders else []}
+                for r in range(self.spec.trainer.ranks)]
 
     def state_dict(self) -> dict:
         """The pipeline state: from the trainers while running, else as the last run left it."""
@@ -225,7 +258,8 @@ class ImagePipeline:
             raise
         self._stop()
         summary = RunSummary(spec.name, device, startup_s, wall_s, sum(r.samples for r in ranks),
-                             ranks, ledgers, len(skipped), peaks, sum(1 for r in skipped if r.key is None))
+                             ranks, ledgers, len(skipped), peaks, sum(1 for r in skipped if r.key is None),
+                             self.placement)
         summary.save(run_dir / "summary.json")
         if skipped:
             write_quarantine(run_dir / "quarantine.jsonl", skipped)

@@ -39,7 +39,6 @@ request whose result is lost with its node is sent again (requests name the batc
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 import warnings
@@ -49,10 +48,12 @@ import ray
 
 from mixflow.config import PipelineSpec
 from mixflow.errors import PipelineError
+from mixflow.runtime.actor_names import resolve
 from mixflow.runtime.batch_ring import BatchRing, carry, uncarry
 from mixflow.runtime.channel import TICKET
 from mixflow.runtime.decoder_actor import reader_stage
 from mixflow.runtime.mix_stage import MixStage, batch_nbytes
+from mixflow.runtime.placement import Placed
 
 RESTARTS = {"max_restarts": -1, "max_task_retries": -1}
 RETRY_S = 120.0  # how long a reader request is re-sent before the pipeline gives up on that reader
@@ -65,10 +66,11 @@ def start_position(epoch: int, slots: int, step: int = 0, cursor: int = 0, start
 
 
 @ray.remote(num_cpus=0, max_concurrency=4, **RESTARTS)
-class MixerActor:
+class MixerActor(Placed):
     def __init__(self, spec_json: str, rank: int, decoders: list, channel, start: dict, device: str = "cpu",
                  reader: dict | None = None, ring_tag: str | None = None):
-        """``decoders``: the rank's decoder actors; or none, with ``reader`` the arguments of
+        """``decoders``: the rank's decoder actors (their :class:`~mixflow.runtime.actor_names.ActorName`,
+        or handles); or none, with ``reader`` the arguments of
         :func:`reader_stage` (after the spec) for the one reader this mixer runs itself.
         ``ring_tag``: name mixed batches' shared-memory ring with it (:mod:`batch_ring`); ``None``:
         no ring, every batch goes through the object store."""
@@ -82,9 +84,9 @@ class MixerActor:
         if (reader is None) == (not decoders):
             raise ValueError("MixerActor needs decoder actors or a fused reader, not both or neither")
         self.local = reader_stage(spec, **reader) if reader is not None else None
-        self.decoders = decoders
+        self.decoders = [resolve(d) for d in decoders]  # by name: a restart must not need handles
         self.slots = len(decoders) or 1
-        self.channel = channel
+        self.channel = resolve(channel)
         self.start = start
         self.prefetch = spec.runtime.prefetch
         self._put = None  # (outbox key, ring slot or None, ref) of the channel put in flight
@@ -276,6 +278,3 @@ class MixerActor:
 
     def stats(self) -> dict:
         return dict(self.progress)
-    def placement(self) -> dict:
-        """Where this actor runs now (node id and process id): a restart changes the pid."""
-        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}

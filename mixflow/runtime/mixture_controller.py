@@ -43,6 +43,7 @@ import ray
 from mixflow.mixture.feedback_merge import FeedbackMerger
 from mixflow.mixture.input_watch import InputWatch
 from mixflow.mixture.policy import Feedback, Mixture, MixturePolicy
+from mixflow.runtime.placement import Placed
 from mixflow.runtime.state_journal import StateJournal
 
 
@@ -61,7 +62,7 @@ INPUT_WARN_AFTER = 20
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-class MixtureController:
+class MixtureController(Placed):
     def __init__(self, policy_name: str, policy_params: dict, num_domains: int, world_size: int,
                  state_path: str | None = None, initial_state: dict | None = None):
         from mixflow.mixture.registry import build_policy

@@ -42,7 +42,9 @@ from mixflow.data.bad_samples import BadSamplePolicy, SkipRecord, write_quaranti
 from mixflow.data.listing import dataset_keys, lost_keys
 from mixflow.decode.device import resolve_decode_device
 from mixflow.runtime import image_checkpoint as ckpt
+from mixflow.runtime.actor_names import named, new_name
 from mixflow.runtime.batch_ring import remove_rings
+from mixflow.runtime.placement import multi_node, wait_started, where
 from mixflow.runtime.channel import Channel
 from mixflow.runtime.image_pipeline import prepare_shards
 from mixflow.runtime.image_stages import start_image_stages, start_rank_stage
@@ -105,6 +107,9 @@ class PipelineHost:
         self.producers: list = [None] * self.world_size  # mixers (image) or token producers, by rank
         self.decoders: list = []
         self.controller = None
+        self._channel_names: dict = {}  # rank -> ActorName of its current channel (token producers look it up)
+        self._decoder_names: list = []
+        self._feed_nodes: dict[int, str | None] = {}  # rank -> node its current feed runs on
         self.startup_s = 0.0
         self._kind_info: dict = {}
 
@@ -146,8 +151,10 @@ class PipelineHost:
         state = ckpt.initial_state(spec, shards)
         stages = start_image_stages(spec, shards, self.device, state, self._ring(0), {})
         self.channels, self.producers, self.decoders = stages.channels, stages.mixers, stages.decoders
-        ray.get([a.placement.remote() for a in self.producers + self.decoders]
-                + [ch.stats.remote() for ch in self.channels])
+        self._decoder_names = stages.decoder_names
+        wait_started({**{f"mixer r{r}": m for r, m in enumerate(self.producers)},
+                      **{f"channel r{r}": c for r, c in enumerate(self.channels)},
+                      **{f"reader {i}": d for i, d in enumerate(self.decoders)}}, spec.runtime.connect_timeout)
         return {}
 
     def _ring(self, rank: int) -> str:
@@ -176,11 +183,16 @@ class PipelineHost:
         params = policy_params(spec)
         path = spec.run_path / "controller_state.json"
         StateJournal(path).remove()
-        return MixtureController.remote(spec.mixture.policy, params, len(self._domain_dirs), self.world_size,
+        self._controller_name = new_name("controller")
+        return MixtureController.options(**named(self._controller_name)).remote(
+            spec.mixture.policy, params, len(self._domain_dirs), self.world_size,
                                         str(path), state)
 
     def _new_channel(self, rank: int):
-        return Channel.remote(f"r{rank}", self.spec.channel.max_items, self.spec.channel.max_bytes)
+        name = new_name(f"channel-r{rank}")
+        self._channel_names[rank] = name
+        return Channel.options(**named(name)).remote(f"r{rank}", self.spec.channel.max_items,
+                                                     self.spec.channel.max_bytes)
 
     # --- claims ----------------------------------------------------------------------------
 
@@ -251,9 +263,18 @@ class PipelineHost:
     def _stage_name(self, rank: int) -> str:
         return f"{'mixer' if self.kind == 'image' else 'producer'} r{rank}"
 
+    def _apart(self, rank: int, node: str | None) -> bool:
+        """Whether ``rank``'s mixer runs on another node than its feed's ``node`` while the spec
+        wants them together (``runtime.placement: colocate``, a cluster of several nodes)."""
+        if node is None or self.spec.runtime.placement != "colocate" or not multi_node():
+            return False
+        return ray.get(self.producers[rank].placement.remote())["node_id"] != node
+
     def _begin_image(self, rank: int, start: dict) -> dict:
         position = start["position"]
-        if rank in self._begun:  # this rank's mixer has produced already: a new stage at the position
+        node = start.get("node")  # where the feed runs: the rank's new stage goes there (the ring)
+        apart = rank not in self._begun and self._apart(rank, node)
+        if rank in self._begun or apart:  # a new stage at the position (on the feed's node when apart)
             self._stop_rank(rank, f"rank {rank} of pipeline {self.name!r} began again at epoch "
                                   f"{position['epoch']} step {position['step']} (a resumed or new feed)")
             k = self.spec.runtime.readers_per_rank
@@ -261,8 +282,10 @@ class PipelineHost:
             state["rank_states"][rank]["position"] = position
             state["epoch"] = position["epoch"]
             channel, mixer = start_rank_stage(self.spec, self._shards, self.device, state, rank,
-                                              self.decoders[rank * k:(rank + 1) * k], self._ring(rank), {})
+                                              self._decoder_names[rank * k:(rank + 1) * k], self._ring(rank), {},
+                                              node=node if self.spec.runtime.placement == "colocate" else None)
             self.channels[rank], self.producers[rank] = channel, mixer
+        self._feed_nodes[rank] = node
         ref = self.producers[rank].run.remote(self.spec.trainer.epochs - 1, position)
         self._watch[ref] = self._stage_name(rank)
         self._begun[rank] = {"position": dict(position), "skipped": list(start.get("skipped", []))}
@@ -295,7 +318,8 @@ class PipelineHost:
             self.channels[rank] = self._new_channel(rank)
         producer = TokenProducer.remote(rank, t.ranks, [str(d / "train") for d in self._domain_dirs],
                                         self.spec.data.seq_len, t.batch_size, self.spec.seed, self.spec.on_error,
-                                        self.controller, self.channels[rank], start.get("producer"), first_step)
+                                        self._controller_name, self._channel_names[rank], start.get("producer"),
+                                        first_step)
         self.producers[rank] = producer
         ref = producer.run.remote(first_step, t.steps)
         self._watch[ref] = self._stage_name(rank)
@@ -396,11 +420,23 @@ class PipelineHost:
         start, end = self._first_begin, self._last_done
         wall_s = (end - start) if start is not None and end is not None else 0.0
         summary = RunSummary(self.name, getattr(self, "device", "cpu"), self.startup_s, wall_s,
-                             sum(r.samples for r in ranks), ranks, ledgers, len(skipped), peaks)
+                             sum(r.samples for r in ranks), ranks, ledgers, len(skipped), peaks,
+                             placement=self._placement())
         summary.save(spec.run_path / "summary.json")
         if skipped:
             write_quarantine(spec.run_path / "quarantine.jsonl", skipped)
         return summary
+
+    def _placement(self) -> list[dict]:
+        """Per rank, the node of its feed (the trainer: the user's process), mixer, channel, readers."""
+        k = self.spec.runtime.readers_per_rank
+        nodes = where({**{f"mixer{r}": m for r, m in enumerate(self.producers) if m is not None},
+                       **{f"channel{r}": c for r, c in enumerate(self.channels)},
+                       **{f"reader{i}": d for i, d in enumerate(self.decoders)}})
+        return [{"rank": r, "trainer": self._feed_nodes.get(r), "mixer": nodes.get(f"mixer{r}"),
+                 "channel": nodes.get(f"channel{r}"),
+                 "readers": [nodes.get(f"reader{i}") for i in range(r * k, (r + 1) * k)] if self.decoders else []}
+                for r in range(self.world_size)]
 
     def _epoch_start_state(self, epoch: int) -> dict:
         """The pipeline state at the points the ranks began ``epoch`` from (their starts when
@@ -438,25 +474,3 @@ class PipelineHost:
         if skipped:
             write_quarantine(spec.run_path / "quarantine.jsonl", skipped)
         return summary
-
-
-def resolve_paths(raw: dict, base: Path) -> dict:
-    """``data.shards``, ``run_dir`` and a file ``trainer.entrypoint`` made absolute against ``base``
-    (the driver's directory), so actors started anywhere on the cluster read, write and import
-    what the driver meant."""
-    data = dict(raw.get("data", {}))
-    if data.get("shards"):
-        data["shards"] = str((base / data["shards"]).resolve())
-    out = {**raw, "data": data}
-    trainer = dict(raw.get("trainer", {}))
-    module, sep, function = str(trainer.get("entrypoint") or "").rpartition(":")
-    if sep and module.endswith(".py"):
-        trainer["entrypoint"] = f"{(base / module).resolve()}:{function}"
-        out["trainer"] = trainer
-    for key in ("save_model", "reference_model"):  # token pipelines: DoReMi's reference model
-        if trainer.get(key):
-            trainer[key] = str((base / trainer[key]).resolve())
-            out["trainer"] = trainer
-    run_dir = raw.get("run_dir") or f"runs/{raw.get('name', 'run')}"
-    out["run_dir"] = str((base / run_dir).resolve())
-    return out

@@ -52,6 +52,13 @@ class RunSummary:
     # quarantine records without a key: shard regions whose samples are not known one by one (a tar
     # cut short without an index, an unreadable shard): what they held is lost uncounted by the ledger
     shard_wide: int = 0
+    # per rank, the node id each of its actors ran on: trainer, mixer, channel, readers (when not fused)
+    placement: list[dict] = field(default_factory=list)
+
+    @property
+    def colocated(self) -> list[bool]:
+        """Per rank, whether its mixer ran on its trainer's node (batches can take the shared-memory ring)."""
+        return [p["trainer"] is not None and p["trainer"] == p["mixer"] for p in self.placement]
 
     @property
     def throughput(self) -> float:
@@ -65,6 +72,7 @@ class RunSummary:
         out = asdict(self)
         out["throughput"] = self.throughput
         out["exactly_once"] = self.exactly_once
+        out["colocated"] = self.colocated
         return out
 
     def save(self, path: str | Path) -> None:
@@ -85,6 +93,12 @@ class RunSummary:
         for peak, r in zip(self.channel_peaks, self.ranks):
             console.print(f"channel r{r.rank}: peak {peak['peak_items']}/{peak['max_items']} batches, "
                           f"{peak['peak_bytes'] / 2**20:.1f}/{peak['max_bytes'] / 2**20:.1f} MiB queued")
+        if len({n for p in self.placement for n in (p["trainer"], p["mixer"], *p["readers"]) if n}) > 1:
+            for p, together in zip(self.placement, self.colocated):
+                readers = ", ".join((n or "?")[:8] for n in p["readers"])
+                console.print(f"placement r{p['rank']}: trainer on {(p['trainer'] or '?')[:8]}, mixer on "
+                              f"{(p['mixer'] or '?')[:8]}" + (f", readers on {readers}" if readers else "")
+                              + ("" if together else " [yellow](mixer and trainer apart: no shared-memory ring)[/]"))
         for ledger in self.ledgers:
             style = "green" if ledger.exactly_once else "red"
             console.print(f"[{style}]ledger {escape(ledger.describe())}[/]")

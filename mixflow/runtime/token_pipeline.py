@@ -33,8 +33,10 @@ from mixflow.data.token_shard_writer import MANIFEST, read_manifest, write_domai
 from mixflow.data.token_source import TokenSource
 from mixflow.errors import DataError, PipelineError
 from mixflow.mixture.input_watch import MissingInputWarning
+from mixflow.runtime.actor_names import named, new_name
 from mixflow.runtime.channel import Channel
 from mixflow.runtime.mixture_controller import MixtureController
+from mixflow.runtime.placement import actor_options, rank_nodes, stage_options, wait_started, where
 from mixflow.runtime.state_journal import StateJournal
 from mixflow.runtime.progress import PipelineProgress
 from mixflow.runtime.ray_session import ensure_ray
@@ -130,6 +132,7 @@ class TokenRunSummary:
     curve: list[dict] = field(default_factory=list)
     batches: list[list[dict]] = field(default_factory=list)  # per rank, per batch: step, version, counts, p
     reports: list[dict] = field(default_factory=list)  # merged feedback: kind, version, step, counts
+    placement: list[dict] = field(default_factory=list)  # per rank: node of its trainer, producer, channel
 
     @property
     def missing_inputs(self) -> list[str]:
@@ -207,6 +210,7 @@ class TokenPipeline:
         self.console = console or Console()
         self.show_progress = show_progress
         self.controller = None
+        self.placement: list[dict] = []
         self.channels: list = []
         self.producers: list = []
         self.trainers: list = []
@@ -223,23 +227,33 @@ class TokenPipeline:
         m = len(domain_dirs)
         manifest = read_manifest(domain_dirs[0] / "train")
         pad_id = manifest.pad_id
-        self.controller = MixtureController.remote(spec.mixture.policy, params, m, t.ranks, str(state_path),
-                                                   resume["controller"] if resume else None)
-        self.channels = [Channel.remote(f"r{r}", spec.channel.max_items, spec.channel.max_bytes)
-                         for r in range(t.ranks)]
-        self.producers = [TokenProducer.remote(r, t.ranks, [str(d / "train") for d in domain_dirs], spec.data.seq_len,
-                                               t.batch_size, spec.seed, spec.on_error, self.controller,
-                                               self.channels[r],
+        # Producers and the controller are restartable: they get their peers' names, not handles.
+        controller_name = new_name("controller")
+        self.controller = MixtureController.options(**named(controller_name)).remote(
+            spec.mixture.policy, params, m, t.ranks, str(state_path), resume["controller"] if resume else None)
+        channel_names = [new_name(f"channel-r{r}") for r in range(t.ranks)]
+        # Multi-node: each rank's producer, channel and trainer on one node (runtime.placement).
+        nodes = rank_nodes(spec, stage_options(spec, "trainer"))
+        self.channels = [Channel.options(**named(name), **actor_options(spec, "channel", "cpu", nodes[r], {})).remote(
+            f"r{r}", spec.channel.max_items, spec.channel.max_bytes) for r, name in enumerate(channel_names)]
+        self.producers = [TokenProducer.options(**actor_options(spec, "producer", "cpu", nodes[r], {})).remote(r, t.ranks, [str(d / "train") for d in domain_dirs], spec.data.seq_len,
+                                               t.batch_size, spec.seed, spec.on_error, controller_name,
+                                               channel_names[r],
                                                resume["ranks"][r]["feed"]["producer"] if resume else None,
                                                resume["step"] if resume else 0)
                           for r in range(t.ranks)]
         grad_every = grad_stats_every(spec)
         stream = token_stream_fields(spec, domain_dirs)
         spec_json = spec.model_dump_json()
-        self.trainers = [TokenTrainerRank.options(scheduling_strategy="SPREAD").remote(
+        self.trainers = [TokenTrainerRank.options(**actor_options(spec, "trainer", "cpu", nodes[r], {})).remote(
             spec_json, r, t.ranks, self.channels[r], self.controller, stream, [v[r::t.ranks] for v in val], test,
             manifest.vocab_size, pad_id, grad_every, [os.getcwd()])
             for r in range(t.ranks)]
+        wait_started({"controller": self.controller, **{f"trainer r{r}": a for r, a in enumerate(self.trainers)},
+                      **{f"producer r{r}": a for r, a in enumerate(self.producers)},
+                      **{f"channel r{r}": a for r, a in enumerate(self.channels)}}, spec.runtime.connect_timeout)
+        self.placement = [{"rank": r, **where({"trainer": self.trainers[r], "producer": self.producers[r],
+                                               "channel": self.channels[r]})} for r in range(t.ranks)]
         master_addr, master_port = ray.get(self.trainers[0].address.remote())
         ray.get([tr.setup.remote(master_addr, master_port, resume["ranks"][r] if resume else None)
                  for r, tr in enumerate(self.trainers)])
@@ -288,12 +302,12 @@ class TokenPipeline:
         summary = TokenRunSummary(spec.name, spec.mixture.policy, [d.name for d in domain_dirs], startup_s, wall_s,
                                   sum(r["tokens"] for r in ranks), ranks[0]["steps"], [r["wait_s"] for r in ranks],
                                   main.get("test_loss") or [], trajectory, stats, len(skipped),
-                                  main.get("curve") or [], [r["batches"] for r in ranks], reports)
+                                  main.get("curve") or [], [r["batches"] for r in ranks], reports, self.placement)
         summary.save(spec.run_path / "summary.json")
+        summary.warn_missing_inputs()
         if skipped:
             write_quarantine(spec.run_path / "quarantine.jsonl", skipped)
         return summary
-        summary.warn_missing_inputs()
 
     def _checkpoint(self, step: int) -> dict:
         ranks = ray.get([tr.checkpoint.remote() for tr in self.trainers])

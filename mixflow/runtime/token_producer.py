@@ -24,15 +24,19 @@ from mixflow.data.bad_samples import BadSamplePolicy
 from mixflow.data.mixed_token_batches import MixedTokenBatcher
 from mixflow.data.token_source import TokenSource
 from mixflow.mixture.schedule import ExactSchedule
+from mixflow.runtime.actor_names import resolve
 from mixflow.runtime.mix_stage import batch_nbytes
+from mixflow.runtime.placement import Placed
 from mixflow.seeding import numpy_rng
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
-class TokenProducer:
+class TokenProducer(Placed):
     def __init__(self, rank: int, world_size: int, domain_dirs: list[str], seq_len: int, batch_size: int,
                  seed: int, on_error: str, controller, channel, state: dict | None = None, first_step: int = 0):
         self.rank = rank
+        # Restartable: its peers come by name (ActorName) so a restart needs no handle.
+        controller, channel = resolve(controller), resolve(channel)
         self.policy = BadSamplePolicy(on_error)
         sources = [TokenSource(d, seq_len, seed=seed, reader=rank, num_readers=world_size, policy=self.policy)
                    for d in domain_dirs]

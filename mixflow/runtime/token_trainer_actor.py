@@ -15,12 +15,13 @@ import torch
 from mixflow.config import TokenPipelineSpec
 from mixflow.runtime.entrypoint import (RankContext, entrypoint_of, free_port, import_paths, join_process_group,
                                         leave_process_group, load_entrypoint, needs_process_group)
+from mixflow.runtime.placement import Placed
 from mixflow.runtime.rank_feed import default_device
 from mixflow.runtime.run_feeds import RunTokenFeed
 
 
 @ray.remote(num_cpus=0, max_concurrency=2)
-class TokenTrainerRank:
+class TokenTrainerRank(Placed):
     def __init__(self, spec_json: str, rank: int, world_size: int, channel, controller, stream: dict,
                  val_sets: list, test_sets: list, vocab_size: int, pad_id: int | None, grad_stats_every: int,
                  sys_path: list[str] | None = None):

@@ -21,11 +21,13 @@ from mixflow.runtime.entrypoint import (RankContext, entrypoint_of, free_port, i
                                         leave_process_group, load_entrypoint, needs_process_group)
 from mixflow.runtime.mixer_actor import start_position
 from mixflow.runtime.rank_feed import default_device
+from mixflow.runtime.placement import Placed
 from mixflow.runtime.rank_checkpoint import CHECKPOINT_FORMAT, load_rank_checkpoint
 from mixflow.runtime.run_feeds import RunImageFeed
 
+
 @ray.remote(num_cpus=0, max_concurrency=2)
-class TrainerRank:
+class TrainerRank(Placed):
     def __init__(self, spec_json: str, rank: int, world_size: int, channel, record_digests: bool = False,
                  resume: dict | None = None, holder=None, stream: dict | None = None,
                  sys_path: list[str] | None = None):
