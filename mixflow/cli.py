@@ -7,6 +7,7 @@ import contextlib
 import os
 import signal
 import sys
+from pathlib import Path
 
 from mixflow.data.text_domains import MACHINE_DOMAINS
 from mixflow.errors import ConfigError, MixflowError
@@ -69,7 +70,9 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     from mixflow.config import load_spec
     from mixflow.runtime.ray_session import ensure_ray
 
-    spec = load_spec(args.spec, args.set)
+    # Relative paths are the driver's: resolved here, before the spec ships to actors on other nodes.
+    spec = load_spec(args.spec, args.set + ([f"runtime.address={args.address}"] if args.address else []),
+                     base=Path.cwd())
     for warning in _check_inputs(spec, args):  # before Ray starts: a missing shard directory or state is one line
         console.print(f"[yellow]warning:[/] {escape(warning)}", markup=True, highlight=False)
     connects = not ray.is_initialized()  # this command connects this process to Ray
@@ -125,25 +128,20 @@ def _resume_error(exc: ValueError, state: str) -> MixflowError:
 
 
 def _check_shards(spec, args: argparse.Namespace) -> list[str]:
-    """The image shards checked against the spec: ``data.num_classes`` against their labels, the
-    ``--resume`` state against the epoch's plan (the pipeline checks the state again). Returns
-    the warning that some ranks or readers get no data, if they do not."""
+    """The ``--resume`` state checked against the image shards' epoch plan before Ray starts (the
+    pipeline checks it again, and checks the shards against the spec: ``data.num_classes``, ranks
+    or readers left without data)."""
     from mixflow.data.bad_samples import BadSamplePolicy
-    from mixflow.data.label_check import check_num_classes
     from mixflow.data.listing import list_shards
-    from mixflow.data.shard_assignment import starved_warning
     from mixflow.runtime import image_checkpoint as ckpt
 
-    shards = list_shards(spec.data.shards, BadSamplePolicy(spec.on_error))
-    check_num_classes(spec.data.shards, shards, spec.data.num_classes)
-    if args.resume and spec.trainer.entrypoint is None:
+    if args.resume:
+        shards = list_shards(spec.data.shards, BadSamplePolicy(spec.on_error))
         try:
             ckpt.check_resumable(ckpt.load_state(args.resume), spec, shards)
         except ValueError as exc:
             raise _resume_error(exc, args.resume) from None
-    starved = starved_warning([s.num_samples for s in shards], spec.trainer.ranks, spec.runtime.readers_per_rank,
-                              spec.seed, spec.trainer.epochs)
-    return [f"data.shards: {starved}"] if starved else []
+    return []
 
 
 def _run_spec(spec, args: argparse.Namespace, console: Console) -> int:
@@ -319,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                      help="override a spec field, e.g. --set trainer.epochs=1 (repeatable)")
     run.add_argument("--no-progress", action="store_true", help="no live progress display")
+    run.add_argument("--address", help="join this Ray cluster (auto, HOST:PORT or ray://HOST:PORT; default: "
+                                       "the spec's runtime.address, else RAY_ADDRESS, else an embedded local Ray)")
     run.add_argument("--resume", metavar="STATE", help="continue from a pipeline_state.json saved by a stopped run "
                      "(image pipelines; other ranks/readers_per_rank re-split the rest of the epoch)")
     run.add_argument("--stop-at", type=_epoch_step, metavar="EPOCH:STEP",

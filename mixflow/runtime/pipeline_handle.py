@@ -25,9 +25,9 @@ from typing import Any
 import ray
 
 from mixflow import errors
-from mixflow.config import PipelineSpec, TokenPipelineSpec, apply_override, load_yaml, validate_spec
-from mixflow.runtime.pipeline_host import (ACTOR_PREFIX, NAMESPACE, PipelineHost, host_actor_name,
-                                           resolve_paths)
+from mixflow.config import (PipelineSpec, TokenPipelineSpec, apply_override, load_yaml, resolve_paths,
+                            validate_spec)
+from mixflow.runtime.pipeline_host import ACTOR_PREFIX, NAMESPACE, PipelineHost, host_actor_name
 from mixflow.runtime.rank_feed import ImageFeed, TokenFeed, raise_refusal
 from mixflow.runtime.ray_session import ensure_ray
 
