@@ -217,7 +217,8 @@ class ImageFeed(RankFeed):
         if self._position.get("done"):  # the epoch before finished: this one starts
             self._position, self._skipped = start_position(epoch, self._slots), []
         if self._reader is None:
-            begun = self._begin({"position": self._position, "skipped": self._skipped})
+            begun = self._begin({"position": self._position, "skipped": self._skipped,
+                                 "node": ray.get_runtime_context().get_node_id()})
             self._reader = ChannelReader(begun["channel"], begun["holder"])
         d = self.spec.decode
         feed = Feed(self._reader, self.device, d.mean, d.std, self.to_float)
@@ -275,6 +276,12 @@ class ImageFeed(RankFeed):
         """Continue from ``state`` (this rank's, from :meth:`state_dict`): the next batch is the one
         after the last batch consumed when it was saved."""
         self._check_state(state)
+        try:  # a position the epoch's plan cannot have produced: refused, the field named
+            ckpt.validate_feed_position(state.get("position"), self.info["stream"], self.rank, self.world_size,
+                                        self._slots)
+            ckpt.validate_records(state.get("skipped"), "skipped", prefix="load_state_dict")
+        except ValueError as exc:
+            raise errors.FeedStateError(f"{self._name()}: {exc}") from None
         position = dict(state["position"])
         if not position.get("done") and position["epoch"] >= self.epochs:
             raise errors.FeedStateError(f"{self._name()}: the state is at epoch {position['epoch']}, past the "
