@@ -1,10 +1,12 @@
 """A torchrun training script (run by tests/test_serve_torchrun.py): each rank attaches to a served
-pipeline by name, trains the test suite's small CNN under DDP and prints its per-epoch losses as JSON."""
+pipeline by name, trains the test suite's small CNN under DDP and writes its per-epoch losses as JSON
+to ``OUT/rank<r>.json`` (one file per rank: torchrun interleaves the ranks' stdout)."""
 
 from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -14,7 +16,7 @@ import mixflow
 from tests.test_feed_api import TinyNet, soft_ce
 
 
-def main(name: str) -> None:
+def main(name: str, out: Path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")  # torchrun's MASTER_ADDR / RANK / WORLD_SIZE
     feed = mixflow.feed(name)  # rank and world size from torchrun's environment
@@ -34,10 +36,10 @@ def main(name: str) -> None:
                 feed.report(batch.step, loss=loss.item())
                 total, n = total + loss.item(), n + 1
         losses.append(total / n)
-    print("RESULT " + json.dumps({"rank": feed.rank, "losses": losses, "sums_ok": sums_ok}), flush=True)
+    (out / f"rank{feed.rank}.json").write_text(json.dumps({"rank": feed.rank, "losses": losses, "sums_ok": sums_ok}))
     feed.close()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], Path(sys.argv[2]))
