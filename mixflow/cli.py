@@ -76,7 +76,7 @@ def _cmd_run(args: argparse.Namespace, console: Console) -> int:
     for warning in _check_inputs(spec, args):  # before Ray starts: a missing shard directory or state is one line
         console.print(f"[yellow]warning:[/] {escape(warning)}", markup=True, highlight=False)
     connects = not ray.is_initialized()  # this command connects this process to Ray
-    embedded = ensure_ray(spec.runtime.address)  # before the handlers: ray.init sets its own SIGTERM handler
+    embedded = ensure_ray(spec.runtime.address, spec.runtime.runtime_env)  # before the handlers: ray.init sets its own SIGTERM handler
     received: list[int] = []
     with _signals_stop_the_run(received):
         try:

@@ -336,6 +336,11 @@ class RuntimeSpec(_Strict):
                     "(mixflow.runtime.placement: on a multi-node cluster what the stage uses, e.g. a CPU per "
                     "mixer and trainer, decode.threads per reader, a GPU per trainer on GPU clusters; on one "
                     "node nothing, so any spec runs on a laptop).")
+    runtime_env: dict[str, Any] | None = Field(
+        None, description="Ray's runtime_env for the job mixflow connects (e.g. {working_dir: ., pip: [...]}): "
+                          "ships your code (a trainer.entrypoint module) and its packages to every node of a "
+                          "cluster; a relative working_dir is the driver's. Applies when this process connects "
+                          "to Ray (mixflow run, serve, start).")
     placement: Literal["colocate", "spread"] = Field(
         "colocate", description="Multi-node: 'colocate' places each rank's trainer, mixer, channel (and readers, "
                                 "unless their resources pin them elsewhere) on one node, so batches go through "
@@ -515,7 +520,8 @@ def load_spec(path: str | Path, overrides: list[str] | None = None,
 
 
 def resolve_paths(raw: dict, base: Path) -> dict:
-    """``data.shards``, ``run_dir`` and a file ``trainer.entrypoint`` made absolute against ``base``
+    """``data.shards``, ``run_dir``, a file ``trainer.entrypoint`` and ``runtime.runtime_env.working_dir``
+    made absolute against ``base``
     (the driver's directory), so actors started anywhere on the cluster read, write and import
     what the driver meant (a relative path would be taken from each worker's own directory)."""
     data = dict(raw.get("data", {}))
@@ -531,6 +537,11 @@ def resolve_paths(raw: dict, base: Path) -> dict:
         if trainer.get(key):
             trainer[key] = str((base / trainer[key]).resolve())
             out["trainer"] = trainer
+    runtime = dict(raw.get("runtime") or {})
+    env = runtime.get("runtime_env")
+    if isinstance(env, dict) and isinstance(env.get("working_dir"), str) and "://" not in env["working_dir"]:
+        runtime["runtime_env"] = {**env, "working_dir": str((base / env["working_dir"]).resolve())}
+        out["runtime"] = runtime
     run_dir = raw.get("run_dir") or f"runs/{raw.get('name', 'run')}"
     out["run_dir"] = str((base / run_dir).resolve())
     return out

@@ -95,3 +95,36 @@ def test_joining_without_the_token_fails_in_one_line_saying_what_to_set(own_head
     errors = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"cannot join the Ray cluster at {own_head}" in errors[0], run.stdout + run.stderr
     assert "set RAY_AUTH_MODE=token" in errors[0] and "Traceback" not in run.stdout + run.stderr
+
+
+ENTRYPOINT = '''
+import os
+from pathlib import Path
+
+
+def train(feed, ctx):
+    """Consumes its feed; says where it ran: the working directory Ray unpacked for the job."""
+    for epoch in range(feed.current_epoch, feed.epochs):
+        for batch in feed.epoch(epoch):
+            pass
+    (Path(ctx.run_dir) / f"cwd{ctx.rank}.txt").write_text(os.getcwd())
+    (Path(ctx.run_dir) / f"shipped{ctx.rank}.txt").write_text(str(Path("my_loop.py").is_file()))
+'''
+
+
+def test_runtime_env_ships_the_drivers_code_to_the_cluster(own_head, digits_shards, tmp_path):
+    """``runtime.runtime_env: {working_dir: .}``: the job's working directory (with the user's
+    entrypoint module) is uploaded by Ray and is every rank's working directory."""
+    (tmp_path / "my_loop.py").write_text(ENTRYPOINT)
+    spec = {"name": "shipped", "run_dir": "out", "data": {"shards": str(digits_shards), "num_classes": 10},
+            "decode": {"size": [24, 24]}, "channel": {"max_items": 4, "max_bytes": "1MiB"},
+            "runtime": {"runtime_env": {"working_dir": "."}},
+            "trainer": {"ranks": 2, "epochs": 1, "batch_size": 64, "entrypoint": "my_loop:train"}}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    run = _run(["run", "spec.yaml", "--address", own_head, "--no-progress"], tmp_path, _plain_env())
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "epoch 0: 1797 keys delivered exactly once" in run.stdout
+    for r in range(2):
+        cwd = (tmp_path / "out" / f"cwd{r}.txt").read_text()
+        assert "working_dir_files" in cwd and cwd != str(tmp_path), cwd  # Ray's unpacked copy, not the driver's
+        assert (tmp_path / "out" / f"shipped{r}.txt").read_text() == "True"

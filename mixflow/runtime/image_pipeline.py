@@ -207,7 +207,7 @@ class ImagePipeline:
                              f"got {stop_at}")
         last_epoch = stop_at[0] if stop_at is not None else spec.trainer.epochs - 1
         expected = set(dataset_keys(shards)) | set(lost)
-        ensure_ray(spec.runtime.address)
+        ensure_ray(spec.runtime.address, spec.runtime.runtime_env)
         device = resolve_decode_device(spec.decode.device, self._gpus_in_cluster())
         run_dir = spec.run_path
         ranks = [RankSummary(r) for r in range(spec.trainer.ranks)]

@@ -141,7 +141,7 @@ def start(spec: SpecLike, name: str | None = None, *, overrides: list[str] | Non
     name = name or spec_obj.name
     if not name or any(c in name for c in "/: "):
         raise errors.ConfigError([("name", f"a pipeline name is letters, digits, '_', '-', '.'; got {name!r}")])
-    ensure_ray(address or spec_obj.runtime.address)
+    ensure_ray(address or spec_obj.runtime.address, spec_obj.runtime.runtime_env)
     if name in running_pipelines():
         raise errors.FeedError(f"a pipeline named {name!r} is already running; connect to it with "
                                f"mixflow.connect({name!r}), or start this one under another name")

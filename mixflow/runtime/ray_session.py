@@ -22,13 +22,14 @@ def _use_machine_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def ensure_ray(address: str | None = None) -> bool:
+def ensure_ray(address: str | None = None, runtime_env: dict | None = None) -> bool:
     """Join ``address`` (a cluster; ``"auto"``: the one running on this machine) or, when it is
     None, start an embedded local Ray, unless Ray is already initialised. The ``RAY_ADDRESS``
     variable (set by ``ray job submit``) wins over None, as in Ray; but None never joins a cluster
     some other process left running on this machine, which Ray's own ``address=None`` would do
     (it reads the last one recorded under its temp directory). Returns whether this call started
-    an embedded local Ray.
+    an embedded local Ray. ``runtime_env`` (``runtime.runtime_env``) is the job's Ray runtime
+    environment: a ``working_dir`` ships the driver's code to every node.
 
     A cluster may use token authentication (``ray start`` turns it on when the head's machine
     holds a token or ``RAY_AUTH_MODE=token`` is set), and a process joining one must say so.
@@ -43,7 +44,7 @@ def ensure_ray(address: str | None = None) -> bool:
         _use_machine_token()
     try:
         ray.init(address=target, include_dashboard=False, logging_level=logging.WARNING,
-                 configure_logging=True, log_to_driver=True)
+                 configure_logging=True, log_to_driver=True, **({"runtime_env": runtime_env} if runtime_env else {}))
     except ConnectionError as exc:
         if not joining:
             raise

@@ -272,7 +272,7 @@ class TokenPipeline:
             raise ValueError(f"stop_after must be in ({first_step}, {t.steps}), got {stop_after}")
         domain_dirs = prepare_domains(spec, self.console)
         val, test = held_out_sets(domain_dirs, spec.data.seq_len, spec.data.eval_sequences)
-        ensure_ray(spec.runtime.address)
+        ensure_ray(spec.runtime.address, spec.runtime.runtime_env)
         start = time.perf_counter()
         try:
             self._start_actors(domain_dirs, val, test)

@@ -49,6 +49,7 @@ class TokenTrainerRank(Placed):
             join_process_group(self.spec, self.rank, self.world_size, self.device, master_addr, master_port)
         if resume is not None:
             self.start = {"step": resume["feed"]["step"], "producer": resume["feed"]["producer"], "controller": None}
+        self.spec.run_path.mkdir(parents=True, exist_ok=True)  # the entrypoint may write there (context.run_dir)
         self.context = RankContext(self.rank, self.world_size, self.device, self.spec, self.spec.name,
                                    self.spec.run_path, None, resume["entrypoint"] if resume else None,
                                    self.test_sets)

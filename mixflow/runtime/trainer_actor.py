@@ -60,6 +60,7 @@ class TrainerRank(Placed):
         resume_state = load_rank_checkpoint(checkpoint, self.device)["entrypoint"] if checkpoint else None
         if needs_process_group(self.spec):
             join_process_group(self.spec, self.rank, self.world_size, self.device, master_addr, master_port)
+        self.spec.run_path.mkdir(parents=True, exist_ok=True)  # the entrypoint may write there (context.run_dir)
         self.context = RankContext(self.rank, self.world_size, self.device, self.spec, self.spec.name,
                                    self.spec.run_path, checkpoint, resume_state)
 
