@@ -40,14 +40,44 @@ class _Strict(BaseModel):
 
 
 class DataSpec(_Strict):
-    shards: str = Field(description="Directory holding *.tar shards with DALI *.idx index files.")
+    shards: str = Field(description="Directory holding *.tar shards with DALI *.idx index files, or a URL "
+                                    "(s3://, gs://, https://, file://) of a prefix holding them.")
+    cache_dir: str | None = Field(
+        None, description="Where shards read from a URL are cached on each node (whole shards, shared by the "
+                          "node's readers). Default: <tmp>/mixflow-shard-cache.")
+    cache_limit: Annotated[int, Field(gt=0)] = Field(
+        10 * 2**30, description="Bytes the shard cache may hold (least recently used shards evicted); at least "
+                                "the largest shard, better shuffle_window + 1 shards per reader on a node.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for a URL in `shards` (e.g. {client_kwargs: "
+                                          "{endpoint_url: ...}}); never credentials: those come from the "
+                                          "environment (AWS_* variables, ~/.aws, instance roles).")
     demo: Literal["digits", "photos"] | None = Field(
         None, description="Build this demo set into `shards` first when the directory holds no shards.")
     num_classes: int = Field(gt=1)
     shard_size: Annotated[int, Field(gt=0)] = Field(2**20, description="Target shard size when building the demo.")
     shuffle_window: int = Field(4, ge=1, description="Shards whose samples are shuffled together.")
 
-    _parse_size = field_validator("shard_size", mode="before")(lambda v: parse_bytes(v))
+    _parse_size = field_validator("shard_size", "cache_limit", mode="before")(lambda v: parse_bytes(v))
+    _no_secrets = field_validator("storage_options")(lambda v: _check_storage_options(v))
+
+    @property
+    def store(self):
+        """How readers reach shards behind a URL (:class:`~mixflow.data.object_store.StoreConfig`)."""
+        return _store_config(self)
+
+
+def _check_storage_options(options: dict) -> dict:
+    from mixflow.data.object_store import check_storage_options
+
+    check_storage_options(options)
+    return options
+
+
+def _store_config(data):
+    from mixflow.data.object_store import StoreConfig
+
+    return StoreConfig.make(data.cache_dir, data.cache_limit, data.storage_options)
 
 
 class DecodeSpec(_Strict):
@@ -662,7 +692,14 @@ def strict_problems(raw: Any, model: type[BaseModel], path: str = "") -> list[tu
 
 
 class TokenDataSpec(_Strict):
-    shards: str = Field(description="Directory with one sub-directory of Parquet token shards per domain.")
+    shards: str = Field(description="Directory with one sub-directory of Parquet token shards per domain, or a "
+                                    "URL (s3://, gs://, https://, file://) of a prefix laid out the same way.")
+    cache_dir: str | None = Field(
+        None, description="Where token shards read from a URL are cached on each node. "
+                          "Default: <tmp>/mixflow-shard-cache.")
+    cache_limit: Annotated[int, Field(gt=0)] = Field(10 * 2**30, description="Bytes the shard cache may hold.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for a URL in `shards`; never credentials.")
     machine_domains: list[str] | None = Field(
         None, description="Build these real text domains from files on this machine when `shards` is empty.")
     max_bytes_per_domain: Annotated[int, Field(gt=0)] = Field(2 * 2**20, description="Cap per built domain.")
@@ -670,7 +707,13 @@ class TokenDataSpec(_Strict):
     seq_len: int = Field(128, ge=8, description="Tokens per training sequence (inputs; targets shift by one).")
     eval_sequences: int = Field(32, ge=2, description="Held-out sequences per domain: half validation, half test.")
 
-    _parse_size = field_validator("max_bytes_per_domain", mode="before")(lambda v: parse_bytes(v))
+    _parse_size = field_validator("max_bytes_per_domain", "cache_limit", mode="before")(lambda v: parse_bytes(v))
+    _no_secrets = field_validator("storage_options")(lambda v: _check_storage_options(v))
+
+    @property
+    def store(self):
+        """How readers reach token shards behind a URL (:class:`~mixflow.data.object_store.StoreConfig`)."""
+        return _store_config(self)
 
 
 class MixtureSpec(_Strict):

@@ -7,6 +7,11 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Dummy credentials for the local S3 endpoint (tests/test_object_store.py), set before Ray starts so
+# its worker processes (the readers) find them where a user's would be: the standard AWS variables.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "mixflow-test-key")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "mixflow-test-secret")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 
 @pytest.fixture(scope="session")

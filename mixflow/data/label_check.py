@@ -29,7 +29,8 @@ LIMIT = 20_000
 
 def read_labels(shards: list[ShardInfo], limit: int | None = LIMIT) -> list[int]:
     """Integer labels of up to ``limit`` samples spread evenly over ``shards`` (all when None);
-    samples without a readable integer ``.cls`` are left out (the readers report them)."""
+    samples without a readable integer ``.cls`` are left out (the readers report them), and so are
+    shards in object storage (reading labels would download them; their ``classes.json`` is checked)."""
     total = sum(s.num_samples for s in shards)
     if total == 0:
         return []
@@ -38,7 +39,7 @@ def read_labels(shards: list[ShardInfo], limit: int | None = LIMIT) -> list[int]
     labels: list[int] = []
     for i, shard in enumerate(shards):
         rows = picks[(picks >= starts[i]) & (picks < starts[i + 1])] - starts[i]
-        if not len(rows):
+        if not len(rows) or shard.store is not None:  # in object storage: its classes.json only
             continue
         try:
             index = read_index(shard.index_path, shard=shard.path)

@@ -125,18 +125,22 @@ def filesystem(url: str, options: dict | None = None):
 
     options = dict(options or {})
     protocol = urlsplit(url).scheme
+    retries = None
     if protocol in ("s3", "s3a"):
-        options.setdefault("retries", 1)
+        retries = int(options.pop("retries", 1))  # s3fs's own tries per request (a class attribute)
         config = dict(options.pop("config_kwargs", {}) or {})
         config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
         options["config_kwargs"] = config
-    key = (protocol, json.dumps(options, sort_keys=True, default=str))
+    key = (protocol, json.dumps(options, sort_keys=True, default=str), retries)
     if key not in _FILESYSTEMS:
         try:
-            _FILESYSTEMS[key] = fsspec.filesystem(protocol, **options)
+            fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
         except ImportError as exc:
             raise DataError(f"cannot read {protocol}:// URLs: {exc} (install s3fs for s3://, gcsfs for gs://, "
                             "aiohttp for https://)") from None
+        if retries is not None:
+            fs.retries = retries
+        _FILESYSTEMS[key] = fs
     fs = _FILESYSTEMS[key]
     return fs, fs._strip_protocol(url) if protocol not in ("http", "https") else url
 
@@ -148,7 +152,7 @@ def retrying(call, url: str, stats: StoreStats, what: str = "read", attempts: in
     for attempt in range(1, attempts + 1):
         try:
             return call()
-        except DataError:
+        except (DataError, TypeError, AttributeError):  # ours, or a bug: no retry cures it
             raise
         except PERMANENT as exc:
             why = "object does not exist" if isinstance(exc, FileNotFoundError) else f"cannot {what}: {_why(exc)}"
@@ -205,6 +209,51 @@ def list_objects(url: str, options: dict, stats: StoreStats) -> dict[str, int]:
         return retrying(once, url, stats, "list")
     except DataError as err:
         raise DataError(f"shard location {redact(url)}: {err.reason}") from None
+
+
+def list_prefixes(url: str, options: dict, stats: StoreStats) -> list[str]:
+    """Names of the "directories" (common prefixes) directly under the prefix ``url``."""
+    fs, path = filesystem(url, options)
+
+    def once() -> list[str]:
+        fs.invalidate_cache(path)
+        return sorted(Path(e["name"]).name for e in fs.ls(path, detail=True) if e.get("type") == "directory")
+
+    return retrying(once, url, stats, "list")
+
+
+@dataclass(frozen=True)
+class RemoteDir:
+    """A prefix in object storage that stands where a directory ``Path`` would: ``/`` joins,
+    ``name`` is the last part, ``store`` says how to read it (pickled whole to the actors)."""
+    url: str
+    store: StoreConfig
+
+    def __truediv__(self, name: str) -> "RemoteDir":
+        return RemoteDir(join(self.url, name), self.store)
+
+    @property
+    def name(self) -> str:
+        return self.url.rstrip("/").rsplit("/", 1)[-1]
+
+    def __str__(self) -> str:
+        return redact(self.url)
+
+
+def upload_tree(local: str | Path, url: str, options: dict, stats: StoreStats) -> list[str]:
+    """Every file under ``local`` to the same relative name under the prefix ``url`` (each put
+    retried); manifests and ``classes.json`` go last, so a reader never finds a manifest before
+    the shards it lists. Returns the URLs written."""
+    local = Path(local)
+    files = sorted((p for p in local.rglob("*") if p.is_file()),
+                   key=lambda p: (p.name in ("manifest.json", "classes.json"), p.as_posix()))
+    written = []
+    for path in files:
+        target = join(url, path.relative_to(local).as_posix())
+        fs, remote = filesystem(target, options)
+        retrying(lambda: fs.put_file(str(path), remote), target, stats, "write")
+        written.append(target)
+    return written
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -333,6 +382,11 @@ class ShardCache:
 
 _CACHES: dict[StoreConfig, ShardCache] = {}
 PROCESS_STATS = StoreStats()  # everything this process did with the store (listing, readers)
+
+
+def process_stats() -> dict:
+    """:data:`PROCESS_STATS` as a dict (what an actor reports for the run summary)."""
+    return PROCESS_STATS.as_dict()
 
 
 def shard_cache(config: StoreConfig) -> ShardCache:

@@ -3,16 +3,26 @@
 Random access through the DALI index (``pread`` at the data offset) lets the sample
 order be a pure function of ``(seed, epoch, reader)``; the state that decides the
 future stream is two numbers, ``epoch`` and ``position``.
+
+A shard in object storage (``ShardInfo.store`` set, ``path`` its URL) is downloaded whole
+into the node's shard cache (:class:`~mixflow.data.object_store.ShardCache`) when first
+read and then read exactly as a local one. At most ``shuffle_window + 1`` such shards stay
+open per reader (least recently used closed), so shards the cache evicted do not linger on
+disk behind open descriptors. A shard that cannot be fetched (deleted, forbidden, transient
+errors past the retries) is a :class:`DataError` for each of its samples, naming its URL;
+it is asked for once.
 """
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
 from mixflow.data.listing import ShardInfo
+from mixflow.data.object_store import redact, shard_cache
 from mixflow.data.shard_assignment import assign_shards, sample_order
 from mixflow.data.tar_index import IndexedSample, read_index
 from mixflow.errors import DataError
@@ -39,7 +49,8 @@ class WebDatasetSource:
         self.shuffle_window = shuffle_window
         self._counts = [s.num_samples for s in shards]
         self._indexes: dict[int, list[IndexedSample]] = {}
-        self._fds: dict[int, int] = {}
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._unfetchable: dict[int, str] = {}  # remote shards that could not be fetched -> why
         self.epoch = 0
         self.position = 0
         self._order = np.empty((0, 2), np.int64)
@@ -75,12 +86,27 @@ class WebDatasetSource:
         return self._indexes[shard]
 
     def _fd(self, shard: int, key: str) -> int:
-        if shard not in self._fds:
-            path = self.shards[shard].path
+        if shard in self._fds:
+            self._fds.move_to_end(shard)
+            return self._fds[shard]
+        info = self.shards[shard]
+        path = info.path
+        if info.store is not None:
+            if shard in self._unfetchable:
+                raise DataError(self._unfetchable[shard], shard=redact(info.path), key=key)
             try:
-                self._fds[shard] = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise DataError(f"cannot open shard: {exc.strerror}", shard=path, key=key) from None
+                path = shard_cache(info.store).fetch(info.path, info.size)
+            except DataError as err:
+                self._unfetchable[shard] = err.reason
+                raise DataError(err.reason, shard=redact(info.path), key=key) from None
+        try:
+            self._fds[shard] = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise DataError(f"cannot open shard: {exc.strerror}", shard=redact(info.path), key=key) from None
+        if info.store is not None:
+            remote = [s for s in self._fds if self.shards[s].store is not None]
+            for old in remote[:max(0, len(remote) - (self.shuffle_window + 1))]:
+                os.close(self._fds.pop(old))
         return self._fds[shard]
 
     def read(self, shard: int, row: int) -> RawSample:

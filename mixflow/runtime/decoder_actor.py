@@ -43,3 +43,9 @@ class DecoderActor(Placed):
         """Batch ``index`` of ``epoch`` (``None`` past the end); see :meth:`DecodeStage.batch`."""
         return self.stage.batch(epoch, index, start)
 
+    def store_stats(self) -> dict:
+        """What this actor's process did with the object store (retries, downloads, cache hits)."""
+        from mixflow.data.object_store import process_stats  # the module's, not a copy pickled with the class
+
+        return process_stats()
+

@@ -40,6 +40,7 @@ from mixflow.data.demo_sets import build_demo
 from mixflow.data.label_check import check_num_classes
 from mixflow.data.shard_assignment import starved_warning
 from mixflow.data.listing import ShardInfo, dataset_keys, list_shards, lost_keys
+from mixflow.data.object_store import PROCESS_STATS, StoreStats, index_dir, is_url
 from mixflow.decode.device import resolve_decode_device
 from mixflow.runtime.batch_ring import remove_rings
 from mixflow.runtime import image_checkpoint as ckpt
@@ -62,13 +63,18 @@ def prepare_shards(spec: PipelineSpec, console: Console | None = None,
     ``data.num_classes`` against their labels (a :class:`~mixflow.errors.ConfigError`), and
     ranks or readers the layout leaves without data are warned about (on ``console``, else
     with :func:`warnings.warn`)."""
-    shard_dir = Path(spec.data.shards)
-    if spec.data.demo and not any(shard_dir.glob("*.tar")):
-        if console:
-            console.print(f"building demo set '{spec.data.demo}' into {escape(str(shard_dir))}")
-        build_demo(spec.data.demo, shard_dir, max_bytes=spec.data.shard_size)
-    shards = list_shards(shard_dir, policy)
-    check_num_classes(shard_dir, shards, spec.data.num_classes)
+    if is_url(spec.data.shards):  # object storage: listing, indexes and classes.json come from the bucket
+        store = spec.data.store
+        shards = list_shards(spec.data.shards, policy, store)
+        check_num_classes(index_dir(spec.data.shards, store), shards, spec.data.num_classes)
+    else:
+        shard_dir = Path(spec.data.shards)
+        if spec.data.demo and not any(shard_dir.glob("*.tar")):
+            if console:
+                console.print(f"building demo set '{spec.data.demo}' into {escape(str(shard_dir))}")
+            build_demo(spec.data.demo, shard_dir, max_bytes=spec.data.shard_size)
+        shards = list_shards(shard_dir, policy)
+        check_num_classes(shard_dir, shards, spec.data.num_classes)
     starved = starved_warning([s.num_samples for s in shards], spec.trainer.ranks, spec.runtime.readers_per_rank,
                               spec.seed, spec.trainer.epochs)
     if starved and console:
@@ -76,6 +82,14 @@ def prepare_shards(spec: PipelineSpec, console: Console | None = None,
     elif starved:
         warnings.warn(f"data.shards: {starved}", stacklevel=2)
     return shards
+
+
+def _stats_since(before: dict) -> dict:
+    """This process's object-store counts since ``before`` (a :meth:`StoreStats.as_dict`)."""
+    now = PROCESS_STATS.as_dict()
+    out = {k: now[k] - before[k] for k in now if k != "last_errors"}
+    out["last_errors"] = [e for e in now["last_errors"] if e not in before["last_errors"]]
+    return out
 
 
 class ImagePipeline:
@@ -178,6 +192,16 @@ class ImagePipeline:
         ckpt.save_state(state, run_dir / "pipeline_state.json")
         return state
 
+    def _store_stats(self, listed: dict) -> dict:
+        """The object-store counts of this run: the driver's listing plus every reader's process
+        (decoder actors, or mixers running their reader; a restarted actor counts from its restart)."""
+        total = StoreStats()
+        total.add(listed)
+        readers = self.decoders or self.mixers
+        for stats in ray.get([actor.store_stats.remote() for actor in readers]):
+            total.add(stats)
+        return total.as_dict()
+
     def _stop(self, reason: str | None = None) -> None:
         # Mixers on other nodes unlink their own rings (best effort: a dead mixer cannot answer).
         ray.wait([m.close_ring.remote() for m in self.mixers], num_returns=len(self.mixers), timeout=2.0)
@@ -196,7 +220,9 @@ class ImagePipeline:
         the run stops. The summary's ledgers cover the epochs completed in this run."""
         spec = self.spec
         listing = BadSamplePolicy(spec.on_error)
+        before = PROCESS_STATS.as_dict()
         shards = prepare_shards(spec, self.console, listing)
+        listed_stats = _stats_since(before)
         # Shard-wide losses found by the listing (records without an epoch): their keys miss every epoch.
         listed = listing.drain()
         lost = lost_keys(listed, shards)
@@ -251,6 +277,7 @@ class ImagePipeline:
             if stop_at is None:
                 ray.get(list(producers))
             peaks = ray.get([ch.stats.remote() for ch in self.channels])
+            store = self._store_stats(listed_stats) if is_url(spec.data.shards) else {}
             self._state = self._checkpoint(run_dir) if stop_at is not None else ckpt.build_state(
                 spec, shards, ray.get([t.stream_state.remote() for t in self.trainers]))
         except BaseException as exc:
@@ -259,7 +286,7 @@ class ImagePipeline:
         self._stop()
         summary = RunSummary(spec.name, device, startup_s, wall_s, sum(r.samples for r in ranks),
                              ranks, ledgers, len(skipped), peaks, sum(1 for r in skipped if r.key is None),
-                             self.placement)
+                             self.placement, store)
         summary.save(run_dir / "summary.json")
         if skipped:
             write_quarantine(run_dir / "quarantine.jsonl", skipped)

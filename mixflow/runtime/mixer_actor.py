@@ -278,3 +278,9 @@ class MixerActor(Placed):
 
     def stats(self) -> dict:
         return dict(self.progress)
+
+    def store_stats(self) -> dict:
+        """What this actor's process did with the object store (its fused reader's downloads, retries)."""
+        from mixflow.data.object_store import process_stats  # the module's, not a copy pickled with the class
+
+        return process_stats()

@@ -54,6 +54,9 @@ class RunSummary:
     shard_wide: int = 0
     # per rank, the node id each of its actors ran on: trainer, mixer, channel, readers (when not fused)
     placement: list[dict] = field(default_factory=list)
+    # shards read from object storage: requests retried, shards downloaded, cache hits and evictions,
+    # summed over the driver's listing and every reader (empty for shards on a local disk)
+    store: dict = field(default_factory=dict)
 
     @property
     def colocated(self) -> list[bool]:
@@ -102,6 +105,10 @@ class RunSummary:
         for ledger in self.ledgers:
             style = "green" if ledger.exactly_once else "red"
             console.print(f"[{style}]ledger {escape(ledger.describe())}[/]")
+        if self.store:
+            console.print(f"object store: {self.store['downloads']} shard downloads "
+                          f"({self.store['bytes_downloaded'] / 2**20:.1f} MiB), {self.store['cache_hits']} cache hits, "
+                          f"{self.store['evictions']} evictions, {self.store['retries']} requests retried")
         if self.skipped:
             console.print(f"[yellow]{self.skipped} bad samples skipped (see quarantine.jsonl)[/]")
         if self.shard_wide:

@@ -1,0 +1,200 @@
+"""Shards in object storage: the pipelines read from a real local S3 endpoint (moto's server on
+127.0.0.1), reached as a user would: ``data.storage_options`` names the endpoint, the standard
+AWS variables hold the (dummy) credentials."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+
+from mixflow.data.object_store import ShardCache
+from mixflow.runtime.image_pipeline import ImagePipeline
+from tests.conftest import make_spec
+
+BUCKET = "mixflow-test"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    fs = s3(url)
+    fs.mkdir(BUCKET)
+    yield url
+    server.stop()
+
+
+def s3(endpoint: str):
+    import s3fs
+
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
+
+
+def upload(endpoint: str, local: Path, prefix: str) -> str:
+    """Every file under ``local`` to ``s3://BUCKET/prefix/`` (same relative paths); the URL."""
+    fs = s3(endpoint)
+    for path in sorted(p for p in Path(local).rglob("*") if p.is_file()):
+        fs.put_file(str(path), f"{BUCKET}/{prefix}/{path.relative_to(local).as_posix()}")
+    return f"s3://{BUCKET}/{prefix}"
+
+
+@pytest.fixture(scope="module")
+def digits_url(s3_endpoint, digits_shards):
+    return upload(s3_endpoint, digits_shards, "digits")
+
+
+def remote_data(url: str, endpoint: str, cache: Path, **more) -> dict:
+    return {"shards": url, "num_classes": 10, "cache_dir": str(cache),
+            "storage_options": {"client_kwargs": {"endpoint_url": endpoint}}, **more}
+
+
+class CacheWatch:
+    """Samples the bytes a shard cache holds, every few milliseconds, while a run goes on."""
+
+    def __init__(self, cache_dir: Path, limit: int):
+        self.cache = ShardCache(cache_dir, limit)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.cache.usage())
+            self._stop.wait(0.005)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture(scope="module")
+def local_stream(ray_session, digits_shards, tmp_path_factory):
+    spec = make_spec(digits_shards, tmp_path_factory.mktemp("local"), trainer={"epochs": 2})
+    pipe = ImagePipeline(spec, show_progress=False, record_digests=True)
+    assert pipe.run().exactly_once
+    return pipe.digests
+
+
+def test_image_pipeline_from_s3_gives_the_local_stream_within_the_cache_limit(
+        ray_session, s3_endpoint, digits_url, digits_shards, local_stream, tmp_path):
+    sizes = [p.stat().st_size for p in Path(digits_shards).glob("*.tar")]
+    limit = 3 * max(sizes)  # far less than the data set: shards are evicted and fetched again
+    assert limit < sum(sizes) / 2
+    cache = tmp_path / "cache"
+    spec = make_spec(digits_url, tmp_path, trainer={"epochs": 2},
+                     data=remote_data(digits_url, s3_endpoint, cache, cache_limit=limit))
+    pipe = ImagePipeline(spec, show_progress=False, record_digests=True)
+    with CacheWatch(cache, limit) as watch:
+        summary = pipe.run()
+    for ledger in summary.ledgers:
+        assert ledger.exactly_once and ledger.delivered == 1797, ledger.describe()
+    assert pipe.digests == local_stream  # keys, pixel CRC and soft-target CRC, batch by batch, both epochs
+    assert 0 < watch.peak <= limit
+    store = summary.store
+    assert store["downloads"] >= len(sizes) and store["evictions"] > 0 and store["retries"] == 0
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert saved["store"]["downloads"] == store["downloads"]
+    assert "mixflow-test-secret" not in json.dumps(saved) and "mixflow-test-key" not in json.dumps(saved)
+
+
+# --- a missing object: on_error decides ------------------------------------------------------
+
+
+@pytest.fixture()
+def small_url(s3_endpoint, digits_shards, request):
+    """Four digits shards (with indexes and classes.json) under a prefix of their own."""
+    local = sorted(Path(digits_shards).glob("*.tar"))[:4]
+    fs = s3(s3_endpoint)
+    prefix = f"{BUCKET}/small-{request.node.name[-40:]}"
+    for tar in local:
+        fs.put_file(str(tar), f"{prefix}/{tar.name}")
+        fs.put_file(str(tar.with_suffix(".idx")), f"{prefix}/{tar.stem}.idx")
+    return f"s3://{prefix}", [t.name for t in local]
+
+
+def _stage(shards, on_error: str):
+    from mixflow.config import DecodeSpec
+    from mixflow.decode.decode_stage import DecodeStage
+
+    return DecodeStage(shards, 0, 1, DecodeSpec(size=(24, 24)), 32, 10, seed=3, on_error=on_error)
+
+
+def _listed(url: str, endpoint: str, cache: Path, on_error: str = "raise"):
+    from mixflow.config import validate_spec
+    from mixflow.data.bad_samples import BadSamplePolicy
+    from mixflow.data.listing import list_shards
+
+    data = validate_spec({"name": "t", "data": remote_data(url, endpoint, cache),
+                          "trainer": {"model": "none"}}).data
+    policy = BadSamplePolicy(on_error)
+    return list_shards(url, policy, data.store), policy
+
+
+def test_object_deleted_after_listing_raise_names_its_url(s3_endpoint, small_url, tmp_path):
+    from mixflow.errors import DataError
+
+    url, names = small_url
+    shards, _ = _listed(url, s3_endpoint, tmp_path / "cache")
+    s3(s3_endpoint).rm_file(f"{url[5:]}/{names[1]}")
+    stage = _stage(shards, "raise")
+    with pytest.raises(DataError) as err:
+        while stage.next_batch() is not None:
+            pass
+    assert err.value.shard == f"{url}/{names[1]}" and err.value.key
+    assert "object does not exist" in str(err.value) and f"{url}/{names[1]}" in str(err.value)
+
+
+def test_object_deleted_after_listing_skip_quarantines_each_sample(s3_endpoint, small_url, tmp_path):
+    from mixflow.data.tar_index import read_index
+
+    url, names = small_url
+    shards, _ = _listed(url, s3_endpoint, tmp_path / "cache")
+    gone = shards[1]
+    lost = {s.key for s in read_index(gone.index_path)}
+    every = {s.key for info in shards for s in read_index(info.index_path)}
+    s3(s3_endpoint).rm_file(f"{url[5:]}/{names[1]}")
+    stage, delivered, records = _stage(shards, "skip"), [], []
+    while (batch := stage.next_batch()) is not None:
+        delivered += batch["keys"]
+        records += batch["skipped"]
+    records += stage.policy.drain()
+    assert sorted(r.key for r in records) == sorted(lost)  # one record per sample, counted
+    assert {r.shard for r in records} == {f"{url}/{names[1]}"}
+    assert sorted(delivered) == sorted(every - lost)  # nothing else lost, nothing twice
+
+
+def test_listing_a_tar_gone_but_its_index_present(s3_endpoint, small_url, tmp_path):
+    from mixflow.errors import DataError
+
+    url, names = small_url
+    s3(s3_endpoint).rm_file(f"{url[5:]}/{names[2]}")
+    with pytest.raises(DataError, match=f"shard {url}/{names[2]}.*shard object is missing"):
+        _listed(url, s3_endpoint, tmp_path / "c1")
+    shards, policy = _listed(url, s3_endpoint, tmp_path / "c2", "skip")
+    assert len(shards) == 3 and len(policy.records) > 0
+    assert {r.shard for r in policy.records} == {f"{url}/{names[2]}"} and all(r.key for r in policy.records)
+
+
+def test_credentials_stay_out_of_options_and_errors(s3_endpoint, tmp_path):
+    from mixflow.config import validate_spec
+    from mixflow.data.object_store import redact
+    from mixflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.storage_options.*must not hold credentials"):
+        validate_spec({"name": "t", "data": {"shards": "s3://b/p", "num_classes": 10,
+                                             "storage_options": {"secret": "x"}}, "trainer": {"model": "none"}})
+    assert redact("https://user:pw@host:9000/b/p.tar?X-Amz-Signature=abc") == "https://host:9000/b/p.tar"
+
