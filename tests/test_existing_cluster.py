@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _free_port() -> int:
@@ -66,20 +67,18 @@ def _plain_env(**extra) -> dict:
     return {**env, **extra}
 
 
-def test_mixflow_run_joins_an_existing_head_from_another_directory(own_head, digits_shards, tmp_path):
-    """Relative ``data.shards`` and ``run_dir`` are the driver's (resolved before the spec ships); the
-    token Ray put on this machine is used without RAY_AUTH_MODE being set."""
-    (tmp_path / "shards").symlink_to(digits_shards, target_is_directory=True)
-    spec = {"name": "joined", "seed": 1, "run_dir": "out", "data": {"shards": "shards", "num_classes": 10},
-            "decode": {"size": [24, 24]}, "mix": {"method": "mixup", "alpha": 0.4},
-            "channel": {"max_items": 4, "max_bytes": "1MiB"},
-            "trainer": {"ranks": 2, "epochs": 1, "batch_size": 64, "model": "none"}}
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
-    run = _run(["run", "spec.yaml", "--address", own_head, "--no-progress"], tmp_path, _plain_env())
+def test_mixflow_run_joins_an_existing_head_from_another_directory(own_head, tmp_path):
+    """The default spec, copied to another directory and run there against the head: its relative
+    ``data.shards`` (the demo set it builds) and ``run_dir`` are the driver's, resolved before the
+    spec ships; the token Ray put on this machine is used without RAY_AUTH_MODE being set."""
+    shutil.copy(REPO / "pipelines" / "digits_mixup.yaml", tmp_path / "spec.yaml")
+    run = _run(["run", "spec.yaml", "--address", own_head, "--no-progress", "--set", "trainer.epochs=1"],
+               tmp_path, _plain_env())
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "epoch 0: 1797 keys delivered exactly once" in run.stdout
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "runs" / "digits_mixup" / "summary.json").read_text())
     assert summary["exactly_once"] and summary["skipped"] == 0
+    assert (tmp_path / "runs" / "data" / "digits").is_dir()  # the demo set was built where the driver runs
     # Restartable actors got their peers by name: nothing of theirs sits in the object store.
     assert "constructor arguments in the object store" not in run.stdout + run.stderr
 
