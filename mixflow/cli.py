@@ -104,6 +104,8 @@ def _check_inputs(spec, args: argparse.Namespace) -> list[str]:
 
     if args.resume and not Path(args.resume).is_file():
         raise MixflowError(f"--resume: no such pipeline state file: {args.resume}")
+    if "://" in spec.data.shards:  # object storage: the listing (in the pipeline) names what is missing
+        return _check_shards(spec, args) if spec.kind == "image" else []
     shards = Path(spec.data.shards)
     if spec.kind == "image" and not spec.data.demo:
         if not shards.is_dir():
@@ -136,7 +138,7 @@ def _check_shards(spec, args: argparse.Namespace) -> list[str]:
     from mixflow.runtime import image_checkpoint as ckpt
 
     if args.resume:
-        shards = list_shards(spec.data.shards, BadSamplePolicy(spec.on_error))
+        shards = list_shards(spec.data.shards, BadSamplePolicy(spec.on_error), spec.data.store)
         try:
             ckpt.check_resumable(ckpt.load_state(args.resume), spec, shards)
         except ValueError as exc:
@@ -225,7 +227,7 @@ def _epoch_step(value: str) -> tuple[int, int]:
     return int(epoch), int(step)
 
 
-def _cmd_token_shards(args: argparse.Namespace, console: Console) -> int:
+def _cmd_token_shards(args: argparse.Namespace, console: Console, shown: str) -> int:
     from mixflow.data.text_domains import machine_documents
     from mixflow.data.token_shard_writer import read_text_inputs, write_domain_splits
 
@@ -240,7 +242,7 @@ def _cmd_token_shards(args: argparse.Namespace, console: Console) -> int:
     for name, docs in sources.items():
         for split, manifest in write_domain_splits(docs, args.out, name, args.val_fraction, max_bytes=size).items():
             console.print(f"{escape(name)}/{split}: {manifest.num_docs} documents, {manifest.num_tokens} tokens in "
-                          f"{len(manifest.shards)} Parquet shards (+ manifest.json) in {escape(f'{args.out}/{name}/{split}')}")
+                          f"{len(manifest.shards)} Parquet shards (+ manifest.json) for {escape(f'{shown}/{name}/{split}')}")
     return 0
 
 
@@ -274,11 +276,37 @@ def _name_path(value: str) -> tuple[str, str]:
 
 
 def _cmd_shards(args: argparse.Namespace, console: Console) -> int:
+    """Write shards into ``--out``; a URL (``s3://bucket/prefix``): written into a local temporary
+    directory first, then uploaded (shards and indexes, then manifests and ``classes.json``)."""
+    if "://" not in args.out:
+        return _write_shards(args, console)
+    import json
+    import tempfile
+
+    from mixflow.data.object_store import PROCESS_STATS, check_storage_options, redact, upload_tree
+
+    try:
+        options = json.loads(args.storage_options or "{}")
+        check_storage_options(options)
+    except ValueError as exc:
+        raise MixflowError(f"--storage-options: {exc}") from None
+    url = args.out.rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="mixflow-shards-") as staging:
+        code = _write_shards(argparse.Namespace(**{**vars(args), "out": staging}), console, shown=redact(url))
+        written = upload_tree(staging, url, options, PROCESS_STATS)
+    retried = f", {PROCESS_STATS.retries} request(s) retried" if PROCESS_STATS.retries else ""
+    console.print(f"uploaded {len(written)} objects to {escape(redact(url))}{retried}", highlight=False)
+    return code
+
+
+def _write_shards(args: argparse.Namespace, console: Console, shown: str | None = None) -> int:
     from mixflow.data.demo_sets import build_demo
     from mixflow.data.image_folder import shards_from_folder
 
+    if shown is None:
+        shown = str(args.out)
     if args.text_domains or args.text:
-        return _cmd_token_shards(args, console)
+        return _cmd_token_shards(args, console, shown)
     size = _shard_size(args.shard_size)
     if args.demo:
         kwargs = {"num_samples": args.num_samples} if args.demo == "photos" and args.num_samples else {}
@@ -286,7 +314,7 @@ def _cmd_shards(args: argparse.Namespace, console: Console) -> int:
     else:
         writer = shards_from_folder(args.from_folder, args.out, max_bytes=size or 64 * 2**20, prefix=args.prefix,
                                     seed=args.seed, on_error=args.on_error)
-    console.print(f"wrote {writer.total_samples} samples into {len(writer.paths)} shards (+ .idx) in {escape(str(args.out))}")
+    console.print(f"wrote {writer.total_samples} samples into {len(writer.paths)} shards (+ .idx) for {escape(shown)}")
     for record in getattr(writer, "skipped", []):
         console.print(f"[yellow]skipped[/] {escape(record.reason)}", markup=True, highlight=False)
     if getattr(writer, "skipped", []):
@@ -345,7 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="token shards of real text domains from files on this machine ('machine': all)")
     source.add_argument("--text", nargs="+", type=_name_path, metavar="NAME=PATH_OR_GLOB",
                         help="token shards of domain NAME from text files, a directory, a glob or *.jsonl")
-    shards.add_argument("--out", required=True, help="output directory")
+    shards.add_argument("--out", required=True, help="output directory, or a URL (s3://bucket/prefix, gs://...): "
+                                                     "shards, indexes and manifests are uploaded there")
+    shards.add_argument("--storage-options", metavar="JSON",
+                        help='fsspec options for a URL --out, e.g. \'{"client_kwargs": {"endpoint_url": '
+                             '"http://127.0.0.1:9000"}}\' (credentials come from the environment, never here)')
     shards.add_argument("--shard-size", help="target shard size, e.g. 64MiB")
     shards.add_argument("--prefix", default="train", help="shard file name prefix (--from-folder)")
     shards.add_argument("--seed", type=int, default=0,

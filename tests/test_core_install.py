@@ -88,3 +88,6 @@ def test_declared_dependencies():
     assert {"ray", "nvidia-dali-cuda120", "pyarrow", "pydantic", "pyyaml", "rich"} <= pipeline
     assert "pandas" not in pipeline | core  # declared before, never imported (Ray Train brings its own)
     assert "mixflow[pipeline]" in extras["test"] and "mixflow[pipeline]" in extras["train"]
+    # shards in object storage: s3fs in the s3 extra; the tests bring it and moto's local S3 server
+    assert any(d.startswith("s3fs") for d in extras["s3"]) and "mixflow[s3]" in extras["test"]
+    assert any(d.startswith("moto[server]") for d in extras["test"])

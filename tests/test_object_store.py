@@ -198,3 +198,38 @@ def test_credentials_stay_out_of_options_and_errors(s3_endpoint, tmp_path):
                                              "storage_options": {"secret": "x"}}, "trainer": {"model": "none"}})
     assert redact("https://user:pw@host:9000/b/p.tar?X-Amz-Signature=abc") == "https://host:9000/b/p.tar"
 
+
+# --- mixflow shards --out s3://... -------------------------------------------------------------
+
+
+def test_shards_command_writes_image_and_token_shards_to_the_bucket(s3_endpoint, tmp_path):
+    from mixflow.cli import main
+    from mixflow.data.listing import list_shards
+    from mixflow.data.token_source import TokenSource
+    from mixflow.data.object_store import RemoteDir
+
+    options = json.dumps({"client_kwargs": {"endpoint_url": s3_endpoint}})
+    url = f"s3://{BUCKET}/written/digits"
+    assert main(["shards", "--demo", "digits", "--shard-size", "256KiB", "--out", url,
+                 "--storage-options", options]) == 0
+    names = {Path(p).name for p in s3(s3_endpoint).ls(url[5:])}
+    assert "classes.json" in names and {n[:-4] for n in names if n.endswith(".tar")} == \
+        {n[:-4] for n in names if n.endswith(".idx")}
+    data = remote_data(url, s3_endpoint, tmp_path / "cache")
+    from mixflow.config import validate_spec
+
+    store = validate_spec({"name": "t", "data": data, "trainer": {"model": "none"}}).data.store
+    assert sum(s.num_samples for s in list_shards(url, store=store)) == 1797
+
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(6):
+        (docs / f"d{i}.txt").write_text(f"document {i} " * 200)
+    text_url = f"s3://{BUCKET}/written/text"
+    assert main(["shards", "--text", f"notes={docs}", "--out", text_url, "--val-fraction", "0.2",
+                 "--storage-options", options]) == 0
+    local = tmp_path / "local-text"
+    assert main(["shards", "--text", f"notes={docs}", "--out", str(local), "--val-fraction", "0.2"]) == 0
+    remote = TokenSource(RemoteDir(f"{text_url}/notes/train", store), 16, infinite=False)
+    here = TokenSource(local / "notes" / "train", 16, infinite=False)
+    assert [(s.key, s.tokens.tolist()) for s in remote] == [(s.key, s.tokens.tolist()) for s in here]

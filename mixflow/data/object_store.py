@@ -136,8 +136,8 @@ def filesystem(url: str, options: dict | None = None):
         try:
             fs = fsspec.filesystem(protocol, skip_instance_cache=True, **options)
         except ImportError as exc:
-            raise DataError(f"cannot read {protocol}:// URLs: {exc} (install s3fs for s3://, gcsfs for gs://, "
-                            "aiohttp for https://)") from None
+            raise DataError(f"cannot read {protocol}:// URLs: {exc} (pip install 'mixflow[s3]' for s3://, "
+                            "gcsfs for gs://, aiohttp for https://)") from None
         if retries is not None:
             fs.retries = retries
         _FILESYSTEMS[key] = fs

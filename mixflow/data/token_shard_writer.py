@@ -67,9 +67,17 @@ class TokenManifest:
 
 def read_manifest(directory: str | Path) -> TokenManifest:
     """The manifest of a token-shard directory; a missing or malformed one is a :class:`DataError`."""
-    path = Path(directory) / MANIFEST
+    from mixflow.data.object_store import PROCESS_STATS, RemoteDir, read_object
+
+    path = directory / MANIFEST if isinstance(directory, RemoteDir) else Path(directory) / MANIFEST
     try:
-        raw = json.loads(path.read_text())
+        if isinstance(path, RemoteDir):  # in object storage
+            try:
+                raw = json.loads(read_object(path.url, path.store.options, PROCESS_STATS))
+            except DataError as err:
+                raise DataError(f"cannot read token-shard manifest: {err.reason}", shard=str(path)) from None
+        else:
+            raw = json.loads(path.read_text())
     except OSError as exc:
         raise DataError(f"cannot read token-shard manifest: {exc.strerror}", shard=str(path)) from None
     except json.JSONDecodeError as exc:

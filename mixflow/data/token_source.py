@@ -18,6 +18,10 @@ numbers, ``epoch``, ``position`` (documents of the epoch consumed) and ``offset`
 (tokens of the current document consumed), in the spirit of MosaicML streaming's
 resumable ``StreamingDataset``.
 
+``directory`` may be a :class:`~mixflow.data.object_store.RemoteDir` (a prefix in object
+storage): the manifest is read from the bucket and each shard is downloaded whole into the
+node's shard cache when first needed.
+
 Bad input (a missing or unreadable shard, a row count that disagrees with the
 manifest, token ids outside the vocabulary) is a :class:`DataError` naming the shard and
 the document key ``shard:row``. With a :class:`BadSamplePolicy` in ``skip`` mode, each
@@ -36,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mixflow.data.bad_samples import BadSamplePolicy
+from mixflow.data.object_store import RemoteDir, shard_cache
 from mixflow.data.shard_assignment import assign_shards, sample_order
 from mixflow.data.token_shard_writer import TokenManifest, read_manifest
 from mixflow.errors import DataError
@@ -98,7 +103,7 @@ class TokenSource:
             raise ValueError(f"reader {reader} out of range for {num_readers} readers")
         if shuffle_window < 1:
             raise ValueError(f"shuffle_window must be >= 1, got {shuffle_window}")
-        self.directory = Path(directory)
+        self.directory = directory if isinstance(directory, RemoteDir) else Path(directory)
         self.manifest: TokenManifest = read_manifest(directory)
         self.domain = self.manifest.domain
         self.seq_len = seq_len
@@ -158,8 +163,15 @@ class TokenSource:
     def _path(self, shard: int) -> str:
         return str(self.directory / self.manifest.shards[shard].file)
 
+    def _local(self, shard: int) -> str:
+        """The shard's file: its path, or for a shard in object storage its copy in the shard cache."""
+        if not isinstance(self.directory, RemoteDir):
+            return self._path(shard)
+        where = self.directory / self.manifest.shards[shard].file
+        return shard_cache(where.store).fetch(where.url)  # a DataError (missing, unreadable) names the URL
+
     def _read_shard(self, shard: int) -> _LoadedShard:
-        path = self._path(shard)
+        path = self._local(shard)
         try:
             table = pq.read_table(path, columns=["tokens"])
         except FileNotFoundError:
