@@ -199,6 +199,38 @@ def test_credentials_stay_out_of_options_and_errors(s3_endpoint, tmp_path):
     assert redact("https://user:pw@host:9000/b/p.tar?X-Amz-Signature=abc") == "https://host:9000/b/p.tar"
 
 
+# --- the token pipeline from the bucket ------------------------------------------------------
+
+
+def _token_stream(summary):
+    """Per rank: (step, version, keys, crc of the tokens) of every consumed batch."""
+    return [[(b["step"], b["version"], tuple(b["keys"]), b["crc"]) for b in rank] for rank in summary.batches]
+
+
+def test_token_pipeline_from_s3_gives_the_local_stream(ray_session, s3_endpoint, text_domains, tmp_path):
+    from mixflow.config import validate_spec
+    from mixflow.runtime.token_pipeline import TokenPipeline
+
+    url = upload(s3_endpoint, text_domains, "text")
+
+    def spec(shards, sub, **data):
+        return validate_spec({
+            "kind": "tokens", "name": "tok", "seed": 3, "run_dir": str(tmp_path / sub),
+            "data": {"shards": shards, "seq_len": 32, "eval_sequences": 8, **data},
+            "mixture": {"policy": "stratified"}, "channel": {"max_items": 3, "max_bytes": "1MiB"},
+            "trainer": {"ranks": 2, "steps": 12, "batch_size": 8, "model": "unigram", "eval_every": 0}})
+
+    local = TokenPipeline(spec(str(text_domains), "local"), show_progress=False).run()
+    remote = TokenPipeline(spec(url, "remote", cache_dir=str(tmp_path / "cache"),
+                                storage_options={"client_kwargs": {"endpoint_url": s3_endpoint}}),
+                           show_progress=False).run()
+    assert remote.domains == local.domains == sorted(p.name for p in Path(text_domains).iterdir())
+    assert _token_stream(remote) == _token_stream(local)  # key for key, token crc for crc
+    assert remote.skipped == local.skipped == 0
+    assert remote.test_loss == local.test_loss  # the held-out sets came from the bucket too
+    assert list((tmp_path / "cache" / "shards").glob("*.parquet"))
+
+
 # --- mixflow shards --out s3://... -------------------------------------------------------------
 
 

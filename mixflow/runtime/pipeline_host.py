@@ -316,7 +316,7 @@ class PipelineHost:
         elif self.producers[rank] is not None:
             self._stop_rank(rank, f"rank {rank} of pipeline {self.name!r} began again at step {first_step}")
             self.channels[rank] = self._new_channel(rank)
-        producer = TokenProducer.remote(rank, t.ranks, [str(d / "train") for d in self._domain_dirs],
+        producer = TokenProducer.remote(rank, t.ranks, [d / "train" for d in self._domain_dirs],
                                         self.spec.data.seq_len, t.batch_size, self.spec.seed, self.spec.on_error,
                                         self._controller_name, self._channel_names[rank], start.get("producer"),
                                         first_step)

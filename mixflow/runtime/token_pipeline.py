@@ -28,6 +28,7 @@ from rich.table import Table
 
 from mixflow.config import TokenPipelineSpec
 from mixflow.data.bad_samples import SkipRecord, write_quarantine
+from mixflow.data.object_store import PROCESS_STATS, RemoteDir, is_url, list_prefixes
 from mixflow.data.text_domains import machine_documents
 from mixflow.data.token_shard_writer import MANIFEST, read_manifest, write_domain_splits
 from mixflow.data.token_source import TokenSource
@@ -53,6 +54,8 @@ def prepare_domains(spec: TokenPipelineSpec, console: Console | None = None) -> 
     """The domain directories under ``data.shards`` (each with ``train/`` and ``validation/``):
     those named by ``data.machine_domains`` (built from this machine's text when absent), or
     else every domain found there."""
+    if is_url(spec.data.shards):
+        return remote_domains(spec)
     root = Path(spec.data.shards)
     if not spec.data.machine_domains:
         found = sorted(d for d in root.glob("*") if (d / "train" / MANIFEST).is_file())
@@ -69,6 +72,27 @@ def prepare_domains(spec: TokenPipelineSpec, console: Console | None = None) -> 
         docs = machine_documents(name, spec.data.max_bytes_per_domain)
         write_domain_splits(docs, root, name, spec.data.val_fraction, max_bytes=shard_bytes)
     return [root / name for name in spec.data.machine_domains]
+
+
+def remote_domains(spec: TokenPipelineSpec) -> list[RemoteDir]:
+    """The domains under a ``data.shards`` URL: those ``data.machine_domains`` names (they must be
+    there: nothing is built into a bucket), or every prefix holding ``<domain>/train/`` + manifest."""
+    root = RemoteDir(spec.data.shards.rstrip("/"), spec.data.store)
+    names = spec.data.machine_domains or list_prefixes(root.url, root.store.options, PROCESS_STATS)
+    found = []
+    for name in names:
+        try:
+            read_manifest(root / name / "train")
+        except DataError:
+            if spec.data.machine_domains:
+                raise DataError(f"data.machine_domains: domain {name!r} is not in the bucket (nothing is built into "
+                                "object storage: write it with `mixflow shards --text ... --out URL`)",
+                                shard=str(root / name / "train" / MANIFEST)) from None
+            continue
+        found.append(root / name)
+    if not found:
+        raise DataError(f"no token domains (<domain>/train/{MANIFEST})", shard=str(root))
+    return found
 
 
 def held_out_sets(domain_dirs: list[Path], seq_len: int, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -236,7 +260,7 @@ class TokenPipeline:
         nodes = rank_nodes(spec, stage_options(spec, "trainer"))
         self.channels = [Channel.options(**named(name), **actor_options(spec, "channel", "cpu", nodes[r], {})).remote(
             f"r{r}", spec.channel.max_items, spec.channel.max_bytes) for r, name in enumerate(channel_names)]
-        self.producers = [TokenProducer.options(**actor_options(spec, "producer", "cpu", nodes[r], {})).remote(r, t.ranks, [str(d / "train") for d in domain_dirs], spec.data.seq_len,
+        self.producers = [TokenProducer.options(**actor_options(spec, "producer", "cpu", nodes[r], {})).remote(r, t.ranks, [d / "train" for d in domain_dirs], spec.data.seq_len,
                                                t.batch_size, spec.seed, spec.on_error, controller_name,
                                                channel_names[r],
                                                resume["ranks"][r]["feed"]["producer"] if resume else None,

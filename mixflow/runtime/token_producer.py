@@ -32,7 +32,7 @@ from mixflow.seeding import numpy_rng
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class TokenProducer(Placed):
-    def __init__(self, rank: int, world_size: int, domain_dirs: list[str], seq_len: int, batch_size: int,
+    def __init__(self, rank: int, world_size: int, domain_dirs: list, seq_len: int, batch_size: int,
                  seed: int, on_error: str, controller, channel, state: dict | None = None, first_step: int = 0):
         self.rank = rank
         # Restartable: its peers come by name (ActorName) so a restart needs no handle.
