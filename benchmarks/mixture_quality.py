@@ -10,17 +10,21 @@ evaluate see a separate validation half). The table gives mean ± standard devia
 over seeds, the difference to stratified, and on how many seeds the policy beat
 stratified. A PNG shows each policy's proportions over training (seed 0).
 
-Aioli runs with the paper's settings for the nearest m (eta, EMA, one-hot factor) and
-LearnParams scaled to the budget (``lp_rounds`` 2 x ``lp_steps`` 4 per domain, rounds of
-``--aioli-round`` steps), since the paper's 250-step rounds exceed the whole budget here.
-DoGE's step size is the model's learning rate. DoReMi (needs a trained reference model)
-and Skill-It (needs a skills graph from separate one-domain runs) are not run here;
-their updates are unit-tested.
+Aioli runs with the paper's settings for the nearest m (eta, one-hot factor), its default
+``update="eg"``, and LearnParams scaled to the budget: one sweep (``lp_rounds`` 1) of
+``--aioli-lp-steps`` (2) steps per domain, then ``--aioli-round`` (32) training steps, as
+many rounds as fit ``--steps`` (the pipeline passes ``total_steps``), the last one training
+on its learned mixture to the end. That keeps LearnParams at <= 25% of the steps (m = 4:
+8 of every 40), where the paper's 250-step rounds would exceed the whole budget; each run's
+share is printed and saved (``learn_params_share``). DoGE's step size is the model's
+learning rate. DoReMi (a reference run first: ``trainer.save_model`` /
+``trainer.reference_model``) and Skill-It (its graph estimate costs m x ``graph_steps``)
+are not in the default list.
 
 Usage::
 
-    python benchmarks/mixture_quality.py [--steps 240] [--seeds 0,1,2]
-        [--policies stratified,aioli,odm,ado,tikmix_d,doge] [--sets all4,prose3] [--out DIR]
+    python benchmarks/mixture_quality.py [--steps 200] [--seeds 0,1,2]
+        [--policies stratified,aioli,odm,ado,tikmix_d,doge] [--sets all4,prose3,code2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -49,23 +53,23 @@ DOMAIN_SETS = {
 LR = 3e-3
 
 
-def policy_params(policy: str, aioli_round: int) -> dict:
+def policy_params(policy: str, aioli_round: int, aioli_lp_steps: int = 2) -> dict:
     if policy == "aioli":
-        return {"lp_rounds": 2, "lp_steps": 4, "steps_per_round": aioli_round}
+        return {"lp_rounds": 1, "lp_steps": aioli_lp_steps, "steps_per_round": aioli_round}
     if policy == "doge":
         return {"eta": LR}
     return {}
 
 
 def run_one(domains: list[str], shards: Path, run_dir: Path, policy: str, seed: int, steps: int,
-            aioli_round: int, console: Console):
+            aioli_round: int, console: Console, aioli_lp_steps: int = 2):
     from mixflow.runtime.token_pipeline import TokenPipeline
 
     spec = validate_spec({
         "kind": "tokens", "name": f"quality_{policy}_{seed}", "seed": seed, "run_dir": str(run_dir),
         "data": {"shards": str(shards), "machine_domains": domains, "max_bytes_per_domain": "2MiB",
                  "seq_len": 128, "eval_sequences": 64},
-        "mixture": {"policy": policy, "params": policy_params(policy, aioli_round)},
+        "mixture": {"policy": policy, "params": policy_params(policy, aioli_round, aioli_lp_steps)},
         "channel": {"max_items": 4, "max_bytes": "4MiB"},
         "trainer": {"ranks": 2, "steps": steps, "batch_size": 16, "d_model": 128, "layers": 2, "heads": 4,
                     "lr": LR, "eval_every": 0},
@@ -105,11 +109,12 @@ def plot_trajectories(results: dict, path: Path, steps: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--policies", default="stratified,aioli,odm,ado,tikmix_d,doge")
-    parser.add_argument("--sets", default="all4,prose3", help=f"domain sets: {', '.join(DOMAIN_SETS)}")
-    parser.add_argument("--aioli-round", type=int, default=40, help="Aioli steps_per_round")
+    parser.add_argument("--sets", default="all4,prose3,code2", help=f"domain sets: {', '.join(DOMAIN_SETS)}")
+    parser.add_argument("--aioli-round", type=int, default=32, help="Aioli steps_per_round")
+    parser.add_argument("--aioli-lp-steps", type=int, default=2, help="Aioli lp_steps (one sweep per round)")
     parser.add_argument("--out", default="runs/mixture_quality", help="shards, runs, results.json, PNG")
     args = parser.parse_args(argv)
     console = Console()
@@ -129,12 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             for policy in policies:
                 s = run_one(domains, out / "shards", out / "runs" / set_name / f"{policy}_{seed}", policy, seed,
-                            args.steps, args.aioli_round, console)
+                            args.steps, args.aioli_round, console, args.aioli_lp_steps)
                 results[set_name][policy]["runs"].append(
                     {"seed": seed, "mean_perplexity": s.mean_perplexity, "test_perplexity": s.test_perplexity,
-                     "domains": s.domains, "trajectory": s.trajectory, "tokens": s.tokens})
+                     "domains": s.domains, "trajectory": s.trajectory, "tokens": s.tokens,
+                     "learn_params_share": s.learn_params_share})
                 console.print(f"{set_name} seed {seed} {policy:>10}: mean test perplexity {s.mean_perplexity:.3f} "
-                              f"({len(s.trajectory)} versions, {time.perf_counter() - started:.0f} s so far)")
+                              f"({len(s.trajectory)} versions"
+                              + ("" if s.learn_params_share is None else
+                                 f", LearnParams {100 * s.learn_params_share:.0f}% of steps")
+                              + f", {time.perf_counter() - started:.0f} s so far)")
     for set_name, by_policy in results.items():
         base = {r["seed"]: r["mean_perplexity"] for r in by_policy["stratified"]["runs"]}
         table = Table(f"{set_name} ({len(DOMAIN_SETS[set_name])} domains)", "mean test ppl", "± sd",

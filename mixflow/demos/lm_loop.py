@@ -20,9 +20,9 @@ loads such a model next to the one being trained (the *proxy* run) and reports i
 per-domain loss on every batch as ``ref_loss``, before the proxy's own step::
 
     mixflow run pipelines/llm_mixture.yaml --set mixture.policy=stratified \
-        --set trainer.save_model=runs/reference.pt
+        --set trainer.save_model=runs/doremi/reference.pt --set run_dir=runs/doremi/reference
     mixflow run pipelines/llm_mixture.yaml --set mixture.policy=doremi \
-        --set trainer.reference_model=runs/reference.pt
+        --set trainer.reference_model=runs/doremi/reference.pt --set run_dir=runs/doremi/proxy
 """
 
 from __future__ import annotations

@@ -118,7 +118,10 @@ class MixtureController(Placed):
         """The mixture every rank uses for global step ``step`` (``empty``: evaluate only)."""
         if step not in self._assigned:
             async with self._changed:
-                await self._changed.wait_for(self._has_steps_left)
+                # Woken together, the first rank may take the new version's last step for this very
+                # step: the others must then take its answer, not wait for the version after it
+                # (which needs their own report of this step: a deadlock with one-step mixtures).
+                await self._changed.wait_for(lambda: step in self._assigned or self._has_steps_left())
             if step not in self._assigned:  # another rank may have fixed it while we waited
                 self._assign(step)
                 self._journal({"op": "assign", "step": step})
