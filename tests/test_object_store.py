@@ -68,7 +68,7 @@ class CacheWatch:
 
     def _watch(self):
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.cache.usage())
+            self.peak = max(self.peak, self.cache.held())
             self._stop.wait(0.005)
 
     def __enter__(self):

@@ -315,6 +315,11 @@ class ShardCache:
                     total += entry.stat(follow_symlinks=False).st_size
         return total
 
+    def held(self) -> int:
+        """:meth:`usage` under the lock: a consistent count while other processes download."""
+        with self._locked():
+            return self.usage()
+
     def _make_room(self, size: int) -> bool:
         """Evict least recently used shards until ``size`` more bytes fit; False if reservations
         of other downloads leave too little (the caller waits). Called under the lock."""
@@ -370,7 +375,8 @@ class ShardCache:
             with open(part, "r+b") as fh:
                 for start in range(0, size, CHUNK):
                     fh.write(read_range(url, self.options, self.stats, start, min(size, start + CHUNK)))
-            os.replace(part, local)
+            with self._locked():  # the accounting sees the reservation or the shard, never both
+                os.replace(part, local)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(part)
