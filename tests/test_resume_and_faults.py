@@ -360,7 +360,8 @@ NODE_FAILURE = textwrap.dedent('''
     from mixflow.runtime.image_pipeline import ImagePipeline
 
     raw = json.loads(sys.argv[1])
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "object_store_memory": 120 * 2**20})
+    # The head holds both ranks' trainers and mixers, which on a multi-node cluster ask for a CPU each.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 6, "object_store_memory": 120 * 2**20})
     node_b = cluster.add_node(num_cpus=1, object_store_memory=80 * 2**20)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
