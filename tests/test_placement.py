@@ -127,8 +127,9 @@ def test_a_stage_no_node_can_take_fails_the_start_by_name(ray_session, digits_sh
     spec = make_spec(digits_shards, tmp_path, runtime={"connect_timeout": 20,
                                                        "resources": {"trainer": {"num_gpus": 1}}})
     pipe = ImagePipeline(spec, show_progress=False)
-    with pytest.raises(PipelineError, match=r"not started after 20 s: trainer r0, trainer r1\. The cluster has no "
-                                            r"room for what they ask \(runtime.resources; free now: \{'CPU'"):
+    # (On a loaded machine a mixer still building its DALI pipeline may be named after them.)
+    with pytest.raises(PipelineError, match=r"not started after 20 s: trainer r0, trainer r1\b.*The cluster has "
+                                            r"no room for what they ask \(runtime.resources; free now: \{'CPU'"):
         pipe.run()
     assert not pipe.trainers and not pipe.mixers and not pipe.channels
 
