@@ -356,10 +356,13 @@ class RuntimeSpec(_Strict):
                           "one object-store hop less per batch). Ignored with more readers per rank.")
     prefetch: int = Field(2, ge=1, description="Decoded batches requested ahead by each mixer.")
     address: str | None = Field(None, description="Ray address; None starts an embedded local Ray.")
+    start_timeout: float = Field(
+        600.0, gt=0, description="Seconds the pipeline's actors have to start (placed and constructed); a "
+                                 "stage not started by then fails the start, named (typically: no node has "
+                                 "room for its runtime.resources).")
     connect_timeout: float = Field(
-        600.0, gt=0, description="Seconds the pipeline's actors have to start (placed and constructed), and "
-                                 "every rank has to connect its feed once the pipeline is up (mixflow.start / "
-                                 "serve); what has not by then fails the pipeline, named.")
+        600.0, gt=0, description="Seconds every rank has to connect its feed once the pipeline is up "
+                                 "(mixflow.start / serve); a rank that has not by then fails the pipeline, named.")
     resources: dict[Literal["decoder", "mixer", "trainer", "channel", "producer"], StageResources] = Field(
         default_factory=dict,
         description="Per stage, what each of its actors asks Ray for; unset fields take the defaults "

@@ -124,7 +124,7 @@ def test_a_stage_no_node_can_take_fails_the_start_by_name(ray_session, digits_sh
     from mixflow.errors import PipelineError
     from mixflow.runtime.image_pipeline import ImagePipeline
 
-    spec = make_spec(digits_shards, tmp_path, runtime={"connect_timeout": 20,
+    spec = make_spec(digits_shards, tmp_path, runtime={"start_timeout": 20,
                                                        "resources": {"trainer": {"num_gpus": 1}}})
     pipe = ImagePipeline(spec, show_progress=False)
     # (On a loaded machine a mixer still building its DALI pipeline may be named after them.)

@@ -46,7 +46,8 @@ from mixflow.runtime.batch_ring import remove_rings
 from mixflow.runtime import image_checkpoint as ckpt
 from mixflow.runtime.ledger import EpochLedger, check_epoch
 from mixflow.runtime.image_stages import start_image_stages
-from mixflow.runtime.placement import actor_options, rank_nodes, stage_options, wait_started, where
+from mixflow.runtime.placement import (actor_options, rank_nodes, rank_placement, stage_names, stage_options,
+                                      wait_started)
 from mixflow.runtime.progress import PipelineProgress
 from mixflow.runtime.ray_session import ensure_ray
 from mixflow.runtime.stage_failure import stop_stages, wait_for_stages
@@ -149,30 +150,23 @@ class ImagePipeline:
             for r in range(ranks)]
         # Start-up ends when every stage is up: mixers and readers build their DALI pipelines and
         # load the compiled mixing kernels in their constructors.
-        wait_started(self._named_actors(), spec.runtime.connect_timeout)
+        started = wait_started(self._named_actors(), spec.runtime.start_timeout)
         saved = state.get("checkpoints")
         if saved and len(saved) != ranks:
             saved = [saved[0]] * ranks  # elastic: data-parallel ranks hold the same weights
         master_addr, master_port = ray.get(self.trainers[0].address.remote())
         ray.get([t.setup.remote(master_addr, master_port, saved[r] if saved else None)
                  for r, t in enumerate(self.trainers)])
-        self.placement = self._where()
+        self.placement = self._where(started)
 
     def _named_actors(self) -> dict:
         """Stage name (as errors name them) -> actor, for every actor of the pipeline."""
-        return {**{f"trainer r{r}": t for r, t in enumerate(self.trainers)},
-                **{f"mixer r{r}": m for r, m in enumerate(self.mixers)},
-                **{f"channel r{r}": c for r, c in enumerate(self.channels)},
-                **{f"reader {i}": d for i, d in enumerate(self.decoders)}}
+        return stage_names(trainer=self.trainers, mixer=self.mixers, channel=self.channels, reader=self.decoders)
 
-    def _where(self) -> list[dict]:
-        """Per rank, the node each of its actors runs on."""
-        k = self.spec.runtime.readers_per_rank
-        nodes = where(self._named_actors())
-        return [{"rank": r, "trainer": nodes.get(f"trainer r{r}"), "mixer": nodes.get(f"mixer r{r}"),
-                 "channel": nodes.get(f"channel r{r}"),
-                 "readers": [nodes.get(f"reader {i}") for i in range(r * k, (r + 1) * k)] if self.decoders else []}
-                for r in range(self.spec.trainer.ranks)]
+    def _where(self, nodes: dict[str, str]) -> list[dict]:
+        """Per rank, the node each of its actors runs on (``nodes``: stage name -> node id)."""
+        return rank_placement(nodes, self.spec.trainer.ranks,
+                              self.spec.runtime.readers_per_rank if self.decoders else 0)
 
     def state_dict(self) -> dict:
         """The pipeline state: from the trainers while running, else as the last run left it."""

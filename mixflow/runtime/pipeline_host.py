@@ -44,7 +44,7 @@ from mixflow.decode.device import resolve_decode_device
 from mixflow.runtime import image_checkpoint as ckpt
 from mixflow.runtime.actor_names import named, new_name
 from mixflow.runtime.batch_ring import remove_rings
-from mixflow.runtime.placement import multi_node, wait_started, where
+from mixflow.runtime.placement import multi_node, rank_placement, stage_names, wait_started, where
 from mixflow.runtime.channel import Channel
 from mixflow.runtime.image_pipeline import prepare_shards
 from mixflow.runtime.image_stages import start_image_stages, start_rank_stage
@@ -152,9 +152,8 @@ class PipelineHost:
         stages = start_image_stages(spec, shards, self.device, state, self._ring(0), {})
         self.channels, self.producers, self.decoders = stages.channels, stages.mixers, stages.decoders
         self._decoder_names = stages.decoder_names
-        wait_started({**{f"mixer r{r}": m for r, m in enumerate(self.producers)},
-                      **{f"channel r{r}": c for r, c in enumerate(self.channels)},
-                      **{f"reader {i}": d for i, d in enumerate(self.decoders)}}, spec.runtime.connect_timeout)
+        wait_started(stage_names(mixer=self.producers, channel=self.channels, reader=self.decoders),
+                     spec.runtime.start_timeout)
         return {}
 
     def _ring(self, rank: int) -> str:
@@ -172,7 +171,7 @@ class PipelineHost:
         self._controller_origin: int | None = None  # the step the controller's state was loaded at
         self.controller = self._new_controller(None)
         self.channels = [self._new_channel(r) for r in range(t.ranks)]
-        ray.get([ch.stats.remote() for ch in self.channels] + [self.controller.stats.remote()])
+        wait_started(stage_names(self.controller, channel=self.channels), spec.runtime.start_timeout)
         return {"vocab_size": manifest.vocab_size, "pad_id": manifest.pad_id,
                 "grad_stats_every": grad_stats_every(spec)}
 
@@ -429,14 +428,9 @@ class PipelineHost:
 
     def _placement(self) -> list[dict]:
         """Per rank, the node of its feed (the trainer: the user's process), mixer, channel, readers."""
-        k = self.spec.runtime.readers_per_rank
-        nodes = where({**{f"mixer{r}": m for r, m in enumerate(self.producers) if m is not None},
-                       **{f"channel{r}": c for r, c in enumerate(self.channels)},
-                       **{f"reader{i}": d for i, d in enumerate(self.decoders)}})
-        return [{"rank": r, "trainer": self._feed_nodes.get(r), "mixer": nodes.get(f"mixer{r}"),
-                 "channel": nodes.get(f"channel{r}"),
-                 "readers": [nodes.get(f"reader{i}") for i in range(r * k, (r + 1) * k)] if self.decoders else []}
-                for r in range(self.world_size)]
+        nodes = where(stage_names(mixer=self.producers, channel=self.channels, reader=self.decoders))
+        return rank_placement(nodes, self.world_size, self.spec.runtime.readers_per_rank if self.decoders else 0,
+                              trainers=self._feed_nodes)
 
     def _epoch_start_state(self, epoch: int) -> dict:
         """The pipeline state at the points the ranks began ``epoch`` from (their starts when

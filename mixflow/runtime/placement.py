@@ -82,21 +82,51 @@ def on_node(node_id: str | None, options: dict) -> dict:
     return {**options, "scheduling_strategy": strategy}
 
 
-def wait_started(actors: dict[str, object], timeout_s: float) -> None:
-    """Wait until every actor (stage name -> handle) has been placed and constructed; after
-    ``timeout_s`` raise a :class:`~mixflow.errors.PipelineError` naming those still waiting
-    (typically for resources no node has free: ``runtime.resources``)."""
+def stage_names(controller=None, **stages: list) -> dict[str, object]:
+    """Stage name (as errors and the summary name them) -> actor: ``mixer=[a, b]`` gives
+    ``mixer r0`` and ``mixer r1`` (one per rank), ``reader=[...]`` gives ``reader 0``, ...; the
+    ``controller`` is just ``controller``. Stages given as None are left out."""
+    out = {} if controller is None else {"controller": controller}
+    for kind, actors in stages.items():
+        label = "{kind} {i}" if kind == "reader" else "{kind} r{i}"
+        out.update({label.format(kind=kind, i=i): a for i, a in enumerate(actors) if a is not None})
+    return out
+
+
+def rank_placement(nodes: dict[str, str], ranks: int, readers_per_rank: int | None = None,
+                   kinds: tuple[str, ...] = ("trainer", "mixer", "channel"),
+                   trainers: dict[int, str] | None = None) -> list[dict]:
+    """Per rank, the node of each of its stages, from ``nodes`` (stage name -> node id, as
+    :func:`where` gives); ``trainers`` (rank -> node) overrides the trainer's (a user's feed);
+    ``readers_per_rank`` (image pipelines; 0 when the mixers read) adds each rank's readers."""
+    out = []
+    for r in range(ranks):
+        row = {"rank": r, **{kind: nodes.get(f"{kind} r{r}") for kind in kinds}}
+        if trainers is not None:
+            row["trainer"] = trainers.get(r)
+        if readers_per_rank is not None:
+            k = readers_per_rank
+            row["readers"] = [nodes.get(f"reader {i}") for i in range(r * k, (r + 1) * k)]
+        out.append(row)
+    return out
+
+
+def wait_started(actors: dict[str, object], timeout_s: float) -> dict[str, str]:
+    """Wait until every actor (stage name -> handle) has been placed and constructed; returns
+    stage name -> node id. After ``timeout_s`` raise a :class:`~mixflow.errors.PipelineError`
+    naming those still waiting (typically for resources no node has free: ``runtime.resources``)."""
     from mixflow.errors import PipelineError
 
     refs = {actor.placement.remote(): name for name, actor in actors.items()}
     done, waiting = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-    ray.get(done)  # a stage whose constructor failed raises here
+    placed = {refs[ref]: where_run["node_id"] for ref, where_run in zip(done, ray.get(done))}  # a failed constructor raises
     if waiting:
         names = ", ".join(refs[r] for r in waiting)
         free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
         raise PipelineError(f"not started after {timeout_s:.0f} s: {names}. The cluster has no room for what "
                             f"they ask (runtime.resources; free now: {free}), or they are still starting "
-                            "(runtime.connect_timeout)")
+                            "(runtime.start_timeout)")
+    return placed
 
 
 def actor_options(spec, kind: str, device: str, node: str | None, options: dict[str, dict]) -> dict:

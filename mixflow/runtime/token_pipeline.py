@@ -37,7 +37,7 @@ from mixflow.mixture.input_watch import MissingInputWarning
 from mixflow.runtime.actor_names import named, new_name
 from mixflow.runtime.channel import Channel
 from mixflow.runtime.mixture_controller import MixtureController
-from mixflow.runtime.placement import actor_options, rank_nodes, stage_options, wait_started, where
+from mixflow.runtime.placement import actor_options, rank_nodes, rank_placement, stage_names, stage_options, wait_started
 from mixflow.runtime.state_journal import StateJournal
 from mixflow.runtime.progress import PipelineProgress
 from mixflow.runtime.ray_session import ensure_ray
@@ -273,11 +273,9 @@ class TokenPipeline:
             spec_json, r, t.ranks, self.channels[r], self.controller, stream, [v[r::t.ranks] for v in val], test,
             manifest.vocab_size, pad_id, grad_every, [os.getcwd()])
             for r in range(t.ranks)]
-        wait_started({"controller": self.controller, **{f"trainer r{r}": a for r, a in enumerate(self.trainers)},
-                      **{f"producer r{r}": a for r, a in enumerate(self.producers)},
-                      **{f"channel r{r}": a for r, a in enumerate(self.channels)}}, spec.runtime.connect_timeout)
-        self.placement = [{"rank": r, **where({"trainer": self.trainers[r], "producer": self.producers[r],
-                                               "channel": self.channels[r]})} for r in range(t.ranks)]
+        started = wait_started(stage_names(self.controller, trainer=self.trainers, producer=self.producers,
+                                           channel=self.channels), spec.runtime.start_timeout)
+        self.placement = rank_placement(started, t.ranks, kinds=("trainer", "producer", "channel"))
         master_addr, master_port = ray.get(self.trainers[0].address.remote())
         ray.get([tr.setup.remote(master_addr, master_port, resume["ranks"][r] if resume else None)
                  for r, tr in enumerate(self.trainers)])
