@@ -136,7 +136,7 @@ def check_dockerfile(text: str, scripts: tuple[str, str], extras: dict) -> list[
                 if name.isupper() and name not in after and name not in env_names and name != "PATH":
                     problems.append(f"RUN uses ${name}, which is not an ARG after FROM (nor an ENV): it is empty there")
     runs = [(i, rest) for i, (word, rest) in enumerate(ins) if word == "RUN"]
-    torch_at = next((i for i, r in runs if re.search(r"pip install\b.*\btorch\b", r)), None)
+    torch_at = next((i for i, r in runs if re.search(r"pip install\s+\"?torch==", r)), None)  # torch alone, first
     mixflow_at = next((i for i, r in runs if re.search(r"pip install\b.*\[[^\]]*pipeline", r)), None)
     if torch_at is None:
         problems.append("no RUN installs torch")
@@ -158,6 +158,9 @@ def check_dockerfile(text: str, scripts: tuple[str, str], extras: dict) -> list[
                 problems.append(f"extra [{extra}] is not in pyproject's optional-dependencies")
         if not re.search(r"ray\[default\]==\$\{?RAY_VERSION\}?", ins[mixflow_at][1]):
             problems.append("Ray is not pinned to RAY_VERSION in the step that installs mixflow")
+        if not re.search(r"torch==\$\{?TORCH_VERSION\}?", ins[mixflow_at][1]):
+            problems.append("torch is not pinned to TORCH_VERSION in the step that installs mixflow "
+                            "(the resolver may swap the CPU wheel for the CUDA one)")
     if not re.fullmatch(r"\d+\.\d+\.\d+", after.get("RAY_VERSION") or ""):
         problems.append(f"RAY_VERSION has no x.y.z default after FROM: {after.get('RAY_VERSION')!r}")
     copies = [rest.split() for word, rest in ins if word == "COPY"]
@@ -202,6 +205,7 @@ def test_dockerfile_checker_catches_broken_copies():
     assert "runs as root" in problems(re.sub(r"(?m)^USER .*$", "USER root", text))
     assert "not ['mixflow', '--help']" in problems(text.replace('CMD ["mixflow", "--help"]', 'CMD ["ray", "--help"]'))
     assert "not pinned to RAY_VERSION" in problems(text.replace('"ray[default]==${RAY_VERSION}"', '"ray[default]"'))
+    assert "not pinned to TORCH_VERSION" in problems(text.replace(' "torch==${TORCH_VERSION}" "/opt', ' "/opt'))
     # an ARG moved above FROM is empty in the RUNs below it
     moved = re.sub(r"(?m)^ARG RAY_VERSION=.*\n", "", text).replace("FROM ${BASE}", "ARG RAY_VERSION=2.60.0\nFROM ${BASE}")
     assert "$RAY_VERSION, which is not an ARG after FROM" in problems(moved)
