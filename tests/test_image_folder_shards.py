@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import warnings
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from mixflow.data.listing import list_shards
 from mixflow.data.shard_assignment import starved_readers, starved_warning
 from mixflow.data.webdataset_source import WebDatasetSource
 from mixflow.errors import DataError
+from mixflow.runtime.image_pipeline import prepare_shards
 from tests.conftest import make_spec
 
 pytestmark = pytest.mark.timeout(120)
@@ -95,8 +97,13 @@ def test_a_rank_without_data_is_warned_at_run_start(tmp_path):
     root = _folder(tmp_path / "img", classes=2, per_class=5)
     assert len(shards_from_folder(root, tmp_path / "one", max_bytes=64 * 2**20).paths) == 1
     spec = make_spec(tmp_path / "one", tmp_path, data={"shards": str(tmp_path / "one"), "num_classes": 2})
-    (warning,) = _check_inputs(spec, argparse.Namespace(resume=None))
+    assert _check_inputs(spec, argparse.Namespace(resume=None)) == []  # the directory is there
+    with pytest.warns(UserWarning) as caught:
+        prepare_shards(spec)  # what every pipeline start runs (on the driver, before any actor)
+    (warning,) = [str(w.message) for w in caught]
     assert warning.startswith("data.shards: rank(s) 1 get no samples in epoch 0: 1 non-empty shard(s) for 2")
     shards_from_folder(root, tmp_path / "two", max_bytes=1024)
     spec = make_spec(tmp_path / "two", tmp_path, data={"shards": str(tmp_path / "two"), "num_classes": 2})
-    assert _check_inputs(spec, argparse.Namespace(resume=None)) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(prepare_shards(spec)) > 1
