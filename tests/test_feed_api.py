@@ -167,9 +167,14 @@ def test_a_mixer_killed_mid_epoch_restarts_and_the_users_stream_is_unchanged(ray
 class Bigram(nn.Module):
     """Next byte from the current byte: a table of logits."""
 
-    def __init__(self, vocab: int = 260):
+    def __init__(self, vocab: int = 260, seed: int = 0):
         super().__init__()
         self.table = nn.Embedding(vocab, vocab)
+        # Its own generator: ranks that build their models in concurrent threads would otherwise
+        # race on torch's global one (seed, seed, draw, draw), start from different weights, report
+        # different losses and so move an adaptive mixture differently from run to run.
+        with torch.no_grad():
+            self.table.weight.copy_(torch.randn(vocab, vocab, generator=torch.Generator().manual_seed(seed)))
 
     def forward(self, x):
         return self.table(x)
@@ -186,7 +191,6 @@ def token_rank(feed, stop=None, model=None):
     """A rank's LM loop: per-domain losses reported every step, held-out losses when asked.
     Returns [(step, version, keys, token crc)] and the model."""
     if model is None:
-        torch.manual_seed(0)
         model = Bigram()
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
     seen = []
