@@ -829,16 +829,32 @@ def test_summary_prints_keys_and_names_verbatim():
     assert "run [/x]: 1 samples" in out and "1 missing (e.g. [/k])" in out
 
 
-def test_garbage_without_ff_bytes_is_not_detected(clean, tmp_path):
-    """The known gap: random scan data without a single 0xFF keeps the marker structure intact; DALI
-    (and PIL) decode it into noise without an error, so it arrives. (libjpeg only warns on stderr.)"""
+def test_garbage_without_ff_bytes_is_delivered_as_suspect(clean, tmp_path):
+    """Random scan data without a single 0xFF keeps the marker structure intact; DALI (and PIL)
+    decode it into noise without an error (libjpeg only warns on stderr), so it arrives, even
+    under ``raise``: the entropy walk lists it as suspect, with shard, key and libjpeg's warning,
+    and so is a scan cut short (premature end). No other sample is suspect."""
     directory = tmp_path / "shards"
     shutil.copytree(clean[0], directory)
-    key = keys_of(4)[0]
-    rewrite_shard(directory, 4, edit_one(key, lambda c: {**c, "jpg": garbage_scan(c["jpg"], no_ff=True)}))
-    delivered, records = run_stage(directory, "raise")
-    assert records == [] and key in delivered
-    assert np.abs(delivered[key][1].astype(int) - clean[2][key][1]).mean() > 10
+    garbage, short = keys_of(4)[0], keys_of(4)[3]
+    cut = lambda jpg: jpg[:(jpg.index(b"\xff\xda") + len(jpg)) // 2] + b"\xff\xd9"  # noqa: E731
+    rewrite_shard(directory, 4, lambda k, c: {**c, "jpg": garbage_scan(c["jpg"], no_ff=True)} if k == garbage
+                  else {**c, "jpg": cut(c["jpg"])} if k == short else c)
+    stage = DecodeStage(list_shards(directory), 0, 1, WHOLE, 16, num_classes=10, seed=3)
+    delivered, suspects = {}, []
+    while (batch := stage.next_batch()) is not None:
+        assert batch_records(stage, batch) == []
+        delivered.update(zip(batch["keys"], batch["images"]))
+        suspects += batch["suspect"]
+        assert {r.key for r in batch["suspect"]} <= set(batch["keys"])
+    stage.source.close()
+    assert sorted(delivered) == sorted(clean[1])
+    assert np.abs(delivered[garbage].astype(int) - clean[2][garbage][1]).mean() > 10
+    by_key = {r.key: r for r in suspects}
+    assert sorted(by_key) == sorted([garbage, short]) and len(suspects) == 2
+    assert all(r.shard == str(shard_path(directory, 4)) and r.epoch == 0 for r in suspects)
+    assert by_key[garbage].reason.startswith("corrupt JPEG data: ")
+    assert by_key[short].reason.startswith("corrupt JPEG data: premature end of data segment: scan 1 holds ")
 
 
 def test_max_pixels_is_configurable(clean):

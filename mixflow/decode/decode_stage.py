@@ -3,7 +3,9 @@
 Pure (no Ray): the decoder actor wraps it, the benchmark's DALI-only baseline can
 use the same pieces. Every payload is checked before it reaches DALI, and if DALI
 still fails on a batch, the pipeline is rebuilt and the batch is decoded sample by
-sample so one corrupt payload never takes its neighbours down.
+sample so one corrupt payload never takes its neighbours down. A payload whose
+entropy-coded data is corrupt in a way libjpeg only warns about
+(:mod:`mixflow.data.jpeg_entropy`) is decoded and delivered, and listed as *suspect*.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from mixflow.config import DecodeSpec
-from mixflow.data.bad_samples import BadSamplePolicy
+from mixflow.data.bad_samples import BadSamplePolicy, SkipRecord
+from mixflow.data.jpeg_entropy import entropy_walk
 from mixflow.data.jpeg_header import JpegError, jpeg_header
 from mixflow.data.listing import ShardInfo
 from mixflow.data.webdataset_source import RawSample, WebDatasetSource
@@ -36,13 +39,17 @@ class CheckedSample:
     label: int
     height: int  # as decoded: the EXIF orientation applied (DALI draws crop windows in that frame)
     width: int
+    suspect: str | None = None  # what libjpeg would warn about in the scan data (decoded all the same)
 
 
 def check_sample(raw: RawSample, num_classes: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> CheckedSample:
     """Raise :class:`DataError` (naming shard and key) unless the sample is decodable and labelled.
 
     The size is the oriented one (EXIF orientations 5-8 swap width and height), and a header
-    announcing more than ``max_pixels`` pixels (None: no limit) is refused before decoding."""
+    announcing more than ``max_pixels`` pixels (None: no limit) is refused before decoding.
+    Scan data that libjpeg decodes with a "corrupt JPEG data" warning (garbage behind a valid
+    header, a scan cut short) passes, with that warning in ``suspect``; scan headers or tables
+    it cannot decode at all are refused (:func:`~mixflow.data.jpeg_entropy.entropy_walk`)."""
     image = next((raw.components[e] for e in IMAGE_EXTS if e in raw.components), None)
     if image is None:
         raise DataError(f"missing image component (.jpg); has {sorted(raw.components)}", raw.shard, raw.key)
@@ -67,8 +74,13 @@ def check_sample(raw: RawSample, num_classes: int, max_pixels: int | None = DEFA
         raise DataError(f"image too large: the header announces {info.width}x{info.height} = "
                         f"{info.height * info.width} pixels, over decode.max_pixels={max_pixels} "
                         f"({len(image)} bytes of data)", raw.shard, raw.key)
+    jpeg = np.frombuffer(image, dtype=np.uint8)
+    try:
+        _, suspect = entropy_walk(jpeg)
+    except JpegError as exc:
+        raise DataError(str(exc), raw.shard, raw.key) from None
     height, width = info.oriented_size
-    return CheckedSample(raw.key, raw.shard, np.frombuffer(image, dtype=np.uint8), label, height, width)
+    return CheckedSample(raw.key, raw.shard, jpeg, label, height, width, suspect)
 
 
 def dali_failure(exc: BaseException) -> str:
@@ -171,9 +183,11 @@ class DecodeStage:
 
         ``start`` (optional) is where the batch starts, when the caller knows it from the
         previous batch's ``end``. The result has ``start``/``end`` (positions in the
-        reader's epoch sequence) and ``skipped`` (quarantine records of the samples in that
-        range that could not be used). When every sample was bad, ``keys`` is empty and
-        ``images`` is ``None``: the batch still counts, so the next index follows it.
+        reader's epoch sequence), ``skipped`` (quarantine records of the samples in that
+        range that could not be used) and ``suspect`` (records of the same shape for samples
+        of the batch whose scan data libjpeg decodes with a warning: delivered, but listed).
+        When every sample was bad, ``keys`` is empty and ``images`` is ``None``: the batch
+        still counts, so the next index follows it.
         """
         if index < 0:
             raise ValueError(f"batch index must be >= 0, got {index}")
@@ -193,9 +207,10 @@ class DecodeStage:
                 self.spec.scale, self.spec.ratio, rng)
             flips = (rng.random(len(samples)) < self.spec.flip_prob).astype(np.int32)
             images, samples = self._decode(samples, anchors, shapes, flips)
+        suspect = [SkipRecord(s.shard, s.key, s.suspect, None, epoch) for s in samples if s.suspect]
         return {"keys": [s.key for s in samples], "labels": np.array([s.label for s in samples], np.int64),
                 "images": images, "epoch": epoch, "reader": self.reader, "index": index, "start": start,
-                "end": end, "skipped": self.policy.drain()}
+                "end": end, "skipped": self.policy.drain(), "suspect": suspect}
 
     def start_epoch(self, epoch: int) -> None:
         """Begin the sequential walk of ``epoch`` (see :meth:`next_batch`)."""
