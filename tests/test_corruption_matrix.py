@@ -857,6 +857,36 @@ def test_garbage_without_ff_bytes_is_delivered_as_suspect(clean, tmp_path):
     assert by_key[short].reason.startswith("corrupt JPEG data: premature end of data segment: scan 1 holds ")
 
 
+def test_pipeline_counts_and_lists_suspect_samples(ray_session, clean, tmp_path):
+    """Through the Ray pipeline (under ``raise``): the garbage-scan and cut-scan samples arrive, the
+    summary counts them as suspect (not skipped) and suspect.jsonl lists their shard, key and reason."""
+    from mixflow.runtime.image_pipeline import ImagePipeline
+
+    directory = tmp_path / "shards"
+    shutil.copytree(clean[0], directory)
+    garbage, short = keys_of(4)[0], keys_of(4)[3]
+    cut = lambda jpg: jpg[:(jpg.index(b"\xff\xda") + len(jpg)) // 2] + b"\xff\xd9"  # noqa: E731
+    rewrite_shard(directory, 4, lambda k, c: {**c, "jpg": garbage_scan(c["jpg"], no_ff=True)} if k == garbage
+                  else {**c, "jpg": cut(c["jpg"])} if k == short else c)
+    spec = make_spec(directory, tmp_path, on_error="raise", mix={"method": "none"},
+                     trainer={"ranks": 1, "batch_size": 16})
+    summary = ImagePipeline(spec, show_progress=False).run()
+    (ledger,) = summary.ledgers
+    assert ledger.exactly_once and ledger.delivered == len(clean[1]) and summary.skipped == 0
+    assert summary.suspect == 2
+    lines = [json.loads(line) for line in (tmp_path / "run" / "suspect.jsonl").read_text().splitlines()]
+    assert sorted(rec["key"] for rec in lines) == sorted([garbage, short])
+    assert all(rec["shard"] == str(shard_path(directory, 4)) and rec["epoch"] == 0 for rec in lines)
+    assert all(rec["reason"].startswith("corrupt JPEG data: ") for rec in lines)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["suspect"] == 2
+    assert not (tmp_path / "run" / "quarantine.jsonl").exists()
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), width=300)
+    summary.render(console)
+    assert "2 suspect samples delivered" in console.file.getvalue()
+
+
 def test_max_pixels_is_configurable(clean):
     """decode.max_pixels below the digits' 32x32: every sample is refused from its header."""
     delivered, records = run_stage(clean[0], "skip", spec=WHOLE.model_copy(update={"max_pixels": 1000}))

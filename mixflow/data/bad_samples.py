@@ -1,4 +1,8 @@
-"""The bad-sample policy: ``raise`` a clear error, or ``skip`` with a quarantine record."""
+"""The bad-sample policy: ``raise`` a clear error, or ``skip`` with a quarantine record.
+
+A :class:`SkipRecord` also serves as a *suspect* record: a sample delivered although libjpeg
+only decodes its scan data with a warning (see :mod:`mixflow.data.jpeg_entropy`); those go to
+``suspect.jsonl`` beside ``quarantine.jsonl``, whatever the policy."""
 
 from __future__ import annotations
 
@@ -42,7 +46,7 @@ class BadSamplePolicy:
 
 
 def write_quarantine(path: str | Path, records: list[SkipRecord]) -> None:
-    """One JSON object per skipped sample: shard, key, reason, offset, epoch."""
+    """One JSON object per record (a skipped or a suspect sample): shard, key, reason, offset, epoch."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as fh:

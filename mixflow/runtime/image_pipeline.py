@@ -233,6 +233,7 @@ class ImagePipeline:
         ranks = [RankSummary(r) for r in range(spec.trainer.ranks)]
         ledgers: list[EpochLedger] = []
         skipped: list[SkipRecord] = list(listed)
+        suspects: list[SkipRecord] = []  # delivered, but libjpeg warns about their scan data
         start = time.perf_counter()
         try:
             self._start_actors(shards, device, state)
@@ -255,6 +256,7 @@ class ImagePipeline:
                 trainer_results = [epochs[epoch] for epochs in by_rank]
                 epoch_skips = [SkipRecord(**rec) for res in trainer_results for rec in res["skipped"]]
                 skipped += epoch_skips
+                suspects += [SkipRecord(**rec) for res in trainer_results for rec in res.get("suspect", [])]
                 for res in trainer_results:
                     self.digests.setdefault(res["rank"], []).extend(res["digests"])
                     ranks[res["rank"]].add_epoch(res)
@@ -280,8 +282,10 @@ class ImagePipeline:
         self._stop()
         summary = RunSummary(spec.name, device, startup_s, wall_s, sum(r.samples for r in ranks),
                              ranks, ledgers, len(skipped), peaks, sum(1 for r in skipped if r.key is None),
-                             self.placement, store)
+                             self.placement, store, len(suspects))
         summary.save(run_dir / "summary.json")
         if skipped:
             write_quarantine(run_dir / "quarantine.jsonl", skipped)
+        if suspects:
+            write_quarantine(run_dir / "suspect.jsonl", suspects)
         return summary

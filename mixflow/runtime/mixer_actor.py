@@ -187,6 +187,7 @@ class MixerActor(Placed):
         mixed = self.stage(decoded, position["epoch"], position["step"] - 1)
         mixed["position"] = position
         mixed["skipped"] = skipped
+        mixed["suspect"] = decoded.get("suspect", [])  # delivered samples libjpeg warns about
         self.progress["mix_s"] += time.perf_counter() - start
         return mixed
 

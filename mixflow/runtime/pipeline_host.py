@@ -401,12 +401,13 @@ class PipelineHost:
     def _image_summary(self) -> RunSummary:
         spec = self.spec
         ranks = [RankSummary(r) for r in range(self.world_size)]
-        ledgers, skipped = [], list(self._listed)
+        ledgers, skipped, suspects = [], list(self._listed), []
         peaks = ray.get([ch.stats.remote() for ch in self.channels])
         for epoch in sorted(self._results):
             results = self._results[epoch]
             for r, res in results.items():
                 ranks[r].add_epoch(res)
+                suspects += [SkipRecord(**rec) for rec in res.get("suspect", [])]
             if len(results) < self.world_size:
                 continue  # not every rank finished this epoch: no verdict for it
             epoch_skips = [SkipRecord(**rec) for res in results.values() for rec in res["skipped"]]
@@ -420,10 +421,12 @@ class PipelineHost:
         wall_s = (end - start) if start is not None and end is not None else 0.0
         summary = RunSummary(self.name, getattr(self, "device", "cpu"), self.startup_s, wall_s,
                              sum(r.samples for r in ranks), ranks, ledgers, len(skipped), peaks,
-                             placement=self._placement())
+                             placement=self._placement(), suspect=len(suspects))
         summary.save(spec.run_path / "summary.json")
         if skipped:
             write_quarantine(spec.run_path / "quarantine.jsonl", skipped)
+        if suspects:
+            write_quarantine(spec.run_path / "suspect.jsonl", suspects)
         return summary
 
     def _placement(self) -> list[dict]:

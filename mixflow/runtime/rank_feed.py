@@ -192,6 +192,7 @@ class ImageFeed(RankFeed):
         self._position = start_position(0, self._slots)
         self._skipped: list[dict] = []  # quarantine records of the position's epoch consumed so far
         self._new_skips: list[dict] = []  # those consumed by this feed (not loaded with a state)
+        self._new_suspects: list[dict] = []  # records of suspect samples this feed delivered in the epoch
         self._reader: ChannelReader | None = None
         self._keys: list[str] = []  # keys of the epoch in progress delivered by this feed
         self._stats = self._fresh_stats()
@@ -231,6 +232,7 @@ class ImageFeed(RankFeed):
                 records = _plain_records(consumed["skipped"])
                 self._skipped += records
                 self._new_skips += records
+                self._new_suspects += _plain_records(consumed.get("suspect", []))
                 self._keys += batch.keys
                 self._stats["samples"] += len(batch.keys)
                 self._stats["steps"] += 1
@@ -248,12 +250,12 @@ class ImageFeed(RankFeed):
 
     def _epoch_result(self) -> dict:
         """What this feed delivered of the epoch in progress (keys, the quarantine records that came
-        with them, counts and timings); the next epoch starts a new account."""
+        with them, the suspect samples' records, counts and timings); the next epoch starts a new account."""
         s = self._stats
         mean_loss = s["loss_sum"] / s["losses"] if s["losses"] else None
-        result = {"keys": self._keys, "skipped": self._new_skips, "mean_loss": mean_loss,
+        result = {"keys": self._keys, "skipped": self._new_skips, "suspect": self._new_suspects, "mean_loss": mean_loss,
                   **{k: s[k] for k in ("samples", "steps", "wait_s", "wall_s", "shared_memory_steps")}}
-        self._keys, self._new_skips, self._stats = [], [], self._fresh_stats()
+        self._keys, self._new_skips, self._new_suspects, self._stats = [], [], [], self._fresh_stats()
         return result
 
     def _epoch_finished(self, epoch: int, result: dict) -> None:
@@ -286,7 +288,7 @@ class ImageFeed(RankFeed):
         if not position.get("done") and position["epoch"] >= self.epochs:
             raise errors.FeedStateError(f"{self._name()}: the state is at epoch {position['epoch']}, past the "
                                         f"pipeline's {self.epochs} epochs")
-        self._position, self._skipped, self._new_skips = position, list(state["skipped"]), []
+        self._position, self._skipped, self._new_skips, self._new_suspects = position, list(state["skipped"]), [], []
         if position.get("done"):
             self._position, self._skipped = start_position(position["epoch"] + 1, self._slots), []
         self._reader = None  # the next epoch() begins the rank's stream at this position

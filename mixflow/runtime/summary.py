@@ -57,6 +57,9 @@ class RunSummary:
     # shards read from object storage: requests retried, shards downloaded, cache hits and evictions,
     # summed over the driver's listing and every reader (empty for shards on a local disk)
     store: dict = field(default_factory=dict)
+    # suspect records (suspect.jsonl): samples delivered although their scan data is corrupt in a way
+    # libjpeg only warns about (garbage behind a valid header, a scan cut short); one per epoch delivered
+    suspect: int = 0
 
     @property
     def colocated(self) -> list[bool]:
@@ -111,6 +114,9 @@ class RunSummary:
                           f"{self.store['evictions']} evictions, {self.store['retries']} requests retried")
         if self.skipped:
             console.print(f"[yellow]{self.skipped} bad samples skipped (see quarantine.jsonl)[/]")
+        if self.suspect:
+            console.print(f"[yellow]{self.suspect} suspect samples delivered: libjpeg decodes their corrupt scan data "
+                          "with a warning (see suspect.jsonl)[/]")
         if self.shard_wide:
             console.print(f"[yellow]{self.shard_wide} shard-wide loss(es) whose sample keys are unknown (truncated "
                           "or unreadable shards; see quarantine.jsonl): the ledger cannot count what they held[/]")
