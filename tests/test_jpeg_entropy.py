@@ -102,6 +102,37 @@ def test_tables_left_out_mean_the_typical_tables(photos):
     Image.open(io.BytesIO(stripped)).load()  # libjpeg decodes it alike
 
 
+def two_scan_jpeg(photo: Image.Image, width: int, height: int, scans: int = 2) -> bytes:
+    """A sequential frame of two components coded in two scans, one component each (A.2.2):
+    component 1 at 2x2 sampling (full size), component 2 at 1x1 (half size, rounded up): each
+    scan's data is a PIL grayscale encoding of that size (the same tables, T.81 K.3's)."""
+    full = encode(photo.convert("L").resize((width, height)), quality=80)
+    half = encode(photo.convert("L").resize(((width + 1) // 2, (height + 1) // 2)), quality=80)
+    head = b"".join(full[start:end] for marker, start, end in segments(full) if marker not in (0xC0, 0xDA))
+    sof = (b"\xff\xc0\x00\x0e\x08" + height.to_bytes(2, "big") + width.to_bytes(2, "big")
+           + b"\x02\x01\x22\x00\x02\x11\x00")
+    sos = lambda comp: b"\xff\xda\x00\x08\x01" + bytes([comp]) + b"\x00\x00\x3f\x00"  # noqa: E731
+    data = [full[scan_start(full):-2], half[scan_start(half):-2]]
+    return b"\xff\xd8" + head + sof + b"".join(sos(c + 1) + data[c] for c in range(scans)) + b"\xff\xd9"
+
+
+def test_a_frame_coded_in_one_scan_per_component(photos):
+    """Non-interleaved scans of subsampled components (odd sizes: the block counts round up per
+    component); a frame whose second component has no scan is incomplete."""
+    for width, height in ((37, 29), (64, 48), (161, 9)):
+        data = two_scan_jpeg(photos[0], width, height)
+        jpeg_header(data)
+        assert entropy_walk(data) == (True, None), (width, height)
+        one = two_scan_jpeg(photos[0], width, height, scans=1)
+        assert entropy_problem(one) == "incomplete JPEG: component 2 of the frame is in none of its 1 scan(s) " \
+                                       "(a sequential frame codes each component in a scan)"
+    # sampling factors swapped: scan 1 (now 1x1) needs 4 x 3 blocks and holds 8 x 6
+    swapped = two_scan_jpeg(photos[0], 64, 48)
+    swapped = swapped.replace(b"\x02\x01\x22\x00\x02\x11\x00", b"\x02\x01\x11\x00\x02\x22\x00", 1)
+    second = swapped.rindex(b"\xff\xda")
+    assert entropy_problem(swapped).endswith(f" extraneous bytes before marker 0xFF 0xDA at byte {second} (scan 1)")
+
+
 def garbage_scan(jpeg: bytes, seed: int) -> bytes:
     """``jpeg``'s headers, then random bytes without 0xFF for its scan data, then EOI."""
     start = scan_start(jpeg)

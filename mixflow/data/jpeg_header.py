@@ -3,7 +3,8 @@
 A truncated or non-JPEG payload makes a DALI pipeline invalid for every sample
 that follows ("pipeline no longer valid"), so each payload is checked here first:
 the SOI marker, a frame header with the image size, the EOI marker at the end, and
-that each scan's data ends in a real marker (:func:`check_scan_markers`).
+that each scan's data ends in a real marker (:func:`check_scan_markers`). What is inside the
+scan data is walked by :mod:`mixflow.data.jpeg_entropy`.
 The EXIF Orientation tag (APP1) is read on the way: DALI decodes an image the way
 its orientation says to show it (as PIL's ``ImageOps.exif_transpose`` does), and a
 crop window must be drawn in that oriented frame (orientations 5-8 swap width and
@@ -83,8 +84,8 @@ def check_scan_markers(buf: memoryview, pos: int) -> None:
     fill or a real marker, and every marker segment is followed by the next marker; garbage behind
     a valid header (which DALI decodes into noise without an error) breaks this as soon as it holds
     an ``0xFF`` byte, so it is caught here at the cost of one vectorised pass. ``pos``: the first
-    marker after the frame header. Garbage without any ``0xFF`` byte is not seen (only a decoder
-    could tell, and libjpeg merely warns)."""
+    marker after the frame header. Garbage without any ``0xFF`` byte is not seen here (libjpeg
+    merely warns about it): :func:`mixflow.data.jpeg_entropy.entropy_walk` walks the data itself."""
     n = len(buf)
     arr = np.frombuffer(buf, np.uint8)
     marks = None  # positions of 0xFF followed by neither stuffing, a restart marker nor fill
