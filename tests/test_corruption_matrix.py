@@ -855,6 +855,15 @@ def test_garbage_without_ff_bytes_is_delivered_as_suspect(clean, tmp_path):
     assert all(r.shard == str(shard_path(directory, 4)) and r.epoch == 0 for r in suspects)
     assert by_key[garbage].reason.startswith("corrupt JPEG data: ")
     assert by_key[short].reason.startswith("corrupt JPEG data: premature end of data segment: scan 1 holds ")
+    # decode.check_scans: false skips the walk: the same samples arrive, none is suspect
+    unchecked = DecodeStage(list_shards(directory), 0, 1, WHOLE.model_copy(update={"check_scans": False}), 16,
+                            num_classes=10, seed=3)
+    keys, flagged = [], 0
+    while (batch := unchecked.next_batch()) is not None:
+        keys += batch["keys"]
+        flagged += len(batch["suspect"])
+    unchecked.source.close()
+    assert sorted(keys) == sorted(clean[1]) and flagged == 0
 
 
 def test_pipeline_counts_and_lists_suspect_samples(ray_session, clean, tmp_path):

@@ -42,14 +42,16 @@ class CheckedSample:
     suspect: str | None = None  # what libjpeg would warn about in the scan data (decoded all the same)
 
 
-def check_sample(raw: RawSample, num_classes: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> CheckedSample:
+def check_sample(raw: RawSample, num_classes: int, max_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 check_scans: bool = True) -> CheckedSample:
     """Raise :class:`DataError` (naming shard and key) unless the sample is decodable and labelled.
 
     The size is the oriented one (EXIF orientations 5-8 swap width and height), and a header
     announcing more than ``max_pixels`` pixels (None: no limit) is refused before decoding.
     Scan data that libjpeg decodes with a "corrupt JPEG data" warning (garbage behind a valid
     header, a scan cut short) passes, with that warning in ``suspect``; scan headers or tables
-    it cannot decode at all are refused (:func:`~mixflow.data.jpeg_entropy.entropy_walk`)."""
+    it cannot decode at all are refused (:func:`~mixflow.data.jpeg_entropy.entropy_walk`; skipped
+    when ``check_scans`` is false)."""
     image = next((raw.components[e] for e in IMAGE_EXTS if e in raw.components), None)
     if image is None:
         raise DataError(f"missing image component (.jpg); has {sorted(raw.components)}", raw.shard, raw.key)
@@ -75,10 +77,12 @@ def check_sample(raw: RawSample, num_classes: int, max_pixels: int | None = DEFA
                         f"{info.height * info.width} pixels, over decode.max_pixels={max_pixels} "
                         f"({len(image)} bytes of data)", raw.shard, raw.key)
     jpeg = np.frombuffer(image, dtype=np.uint8)
-    try:
-        _, suspect = entropy_walk(jpeg)
-    except JpegError as exc:
-        raise DataError(str(exc), raw.shard, raw.key) from None
+    suspect = None
+    if check_scans:
+        try:
+            _, suspect = entropy_walk(jpeg)
+        except JpegError as exc:
+            raise DataError(str(exc), raw.shard, raw.key) from None
     height, width = info.oriented_size
     return CheckedSample(raw.key, raw.shard, jpeg, label, height, width, suspect)
 
@@ -156,7 +160,7 @@ class DecodeStage:
                     continue
                 try:
                     good.append(check_sample(self.source.read(shard, row), self.num_classes,
-                                             self.spec.max_pixels))
+                                             self.spec.max_pixels, self.spec.check_scans))
                 except DataError as err:
                     rejected.append(err)
         return good, rejected, self.source.position
