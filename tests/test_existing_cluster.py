@@ -50,7 +50,7 @@ def own_head():
     yield f"127.0.0.1:{port}"
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=5)  # `ray start --block` may sit on SIGTERM; its group goes then
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     shutil.rmtree(temp, ignore_errors=True)
