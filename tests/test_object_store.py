@@ -208,6 +208,11 @@ def _token_stream(summary):
 
 
 def test_token_pipeline_from_s3_gives_the_local_stream(ray_session, s3_endpoint, text_domains, tmp_path):
+    """The same token stream from the bucket as from local disk, with every shard download going
+    through the faulty proxy (parquet GETs answered 500 or cut mid-body); the summary counts the
+    downloads, cache hits and the retries the faults caused, printed and in summary.json."""
+    from rich.console import Console
+
     from mixflow.config import validate_spec
     from mixflow.runtime.token_pipeline import TokenPipeline
 
@@ -221,31 +226,48 @@ def test_token_pipeline_from_s3_gives_the_local_stream(ray_session, s3_endpoint,
             "trainer": {"ranks": 2, "steps": 12, "batch_size": 8, "model": "unigram", "eval_every": 0}})
 
     local = TokenPipeline(spec(str(text_domains), "local"), show_progress=False).run()
-    remote = TokenPipeline(spec(url, "remote", cache_dir=str(tmp_path / "cache"),
-                                storage_options={"client_kwargs": {"endpoint_url": s3_endpoint}}),
-                           show_progress=False).run()
+    with FaultyProxy(s3_endpoint, every=4, match=".parquet") as proxy:
+        remote = TokenPipeline(spec(url, "remote", cache_dir=str(tmp_path / "cache"),
+                                    storage_options={"client_kwargs": {"endpoint_url": proxy.url}}),
+                               show_progress=False).run()
     assert remote.domains == local.domains == sorted(p.name for p in Path(text_domains).iterdir())
     assert _token_stream(remote) == _token_stream(local)  # key for key, token crc for crc
     assert remote.skipped == local.skipped == 0
     assert remote.test_loss == local.test_loss  # the held-out sets came from the bucket too
-    assert list((tmp_path / "cache" / "shards").glob("*.parquet"))
+    cached = list((tmp_path / "cache" / "shards").glob("*.parquet"))
+    assert cached
+    assert local.store == {}
+    store = remote.store
+    # Each cached shard was downloaded once (the driver's held-out sets and the producers share the
+    # cache directory: a shard one of them fetched is a cache hit for the others).
+    assert store["downloads"] == len(cached) and store["evictions"] == 0
+    assert store["bytes_downloaded"] == sum(p.stat().st_size for p in cached)
+    assert proxy.faults["500"] > 0 and proxy.faults["cut"] > 0
+    assert 0 < store["retries"] <= proxy.faults["500"] + proxy.faults["cut"]
+    saved = json.loads((tmp_path / "remote" / "summary.json").read_text())
+    assert saved["store"] == store
+    console = Console(record=True, width=200)
+    remote.render(console)
+    printed = console.export_text()
+    assert f"{store['downloads']} shard downloads" in printed and f"{store['retries']} requests retried" in printed
 
 
 # --- transient faults: a proxy in front of the endpoint ---------------------------------------
 
 
 class FaultyProxy:
-    """An HTTP proxy to the S3 endpoint that fails some ranged GETs of ``.tar`` objects: every
-    ``every``-th one answers 500, the one after it sends its headers and half its body, then
-    closes the connection (a read cut mid-object). Everything else passes through."""
+    """An HTTP proxy to the S3 endpoint that fails some ranged GETs of objects whose path holds
+    ``match`` (``.tar`` shards by default): every ``every``-th one answers 500, the one after it
+    sends its headers and half its body, then closes the connection (a read cut mid-object).
+    Everything else passes through."""
 
-    def __init__(self, endpoint: str, every: int = 4):
+    def __init__(self, endpoint: str, every: int = 4, match: str = ".tar"):
         import http.client
         import http.server
         from urllib.parse import urlsplit
 
         target = urlsplit(endpoint)
-        self.every, self.count, self.faults = every, 0, {"500": 0, "cut": 0}
+        self.every, self.count, self.faults, self.match = every, 0, {"500": 0, "cut": 0}, match
         lock = threading.Lock()
         proxy = self
 
@@ -258,7 +280,7 @@ class FaultyProxy:
             def _forward(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 fault = None
-                if self.command == "GET" and ".tar" in self.path and "Range" in self.headers:
+                if self.command == "GET" and proxy.match in self.path and "Range" in self.headers:
                     with lock:
                         proxy.count += 1
                         turn = proxy.count % proxy.every

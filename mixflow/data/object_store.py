@@ -395,6 +395,14 @@ def process_stats() -> dict:
     return PROCESS_STATS.as_dict()
 
 
+def stats_since(before: dict) -> dict:
+    """This process's object-store counts since ``before`` (a :meth:`StoreStats.as_dict`)."""
+    now = PROCESS_STATS.as_dict()
+    out = {k: now[k] - before[k] for k in now if k != "last_errors"}
+    out["last_errors"] = [e for e in now["last_errors"] if e not in before["last_errors"]]
+    return out
+
+
 def shard_cache(config: StoreConfig) -> ShardCache:
     if config not in _CACHES:
         _CACHES[config] = ShardCache(config.cache_dir, config.cache_limit, config.options, PROCESS_STATS)

@@ -40,7 +40,7 @@ from mixflow.data.demo_sets import build_demo
 from mixflow.data.label_check import check_num_classes
 from mixflow.data.shard_assignment import starved_warning
 from mixflow.data.listing import ShardInfo, dataset_keys, list_shards, lost_keys
-from mixflow.data.object_store import PROCESS_STATS, StoreStats, index_dir, is_url
+from mixflow.data.object_store import PROCESS_STATS, index_dir, is_url, stats_since
 from mixflow.decode.device import resolve_decode_device
 from mixflow.runtime.batch_ring import remove_rings
 from mixflow.runtime import image_checkpoint as ckpt
@@ -53,7 +53,7 @@ from mixflow.runtime.ray_session import ensure_ray
 from mixflow.runtime.stage_failure import stop_stages, wait_for_stages
 from mixflow.errors import PipelineError
 from mixflow.runtime.entrypoint import entrypoint_of
-from mixflow.runtime.summary import RankSummary, RunSummary
+from mixflow.runtime.summary import RankSummary, RunSummary, store_total
 from mixflow.runtime.trainer_actor import TrainerRank
 
 
@@ -83,14 +83,6 @@ def prepare_shards(spec: PipelineSpec, console: Console | None = None,
     elif starved:
         warnings.warn(f"data.shards: {starved}", stacklevel=2)
     return shards
-
-
-def _stats_since(before: dict) -> dict:
-    """This process's object-store counts since ``before`` (a :meth:`StoreStats.as_dict`)."""
-    now = PROCESS_STATS.as_dict()
-    out = {k: now[k] - before[k] for k in now if k != "last_errors"}
-    out["last_errors"] = [e for e in now["last_errors"] if e not in before["last_errors"]]
-    return out
 
 
 class ImagePipeline:
@@ -189,12 +181,8 @@ class ImagePipeline:
     def _store_stats(self, listed: dict) -> dict:
         """The object-store counts of this run: the driver's listing plus every reader's process
         (decoder actors, or mixers running their reader; a restarted actor counts from its restart)."""
-        total = StoreStats()
-        total.add(listed)
         readers = self.decoders or self.mixers
-        for stats in ray.get([actor.store_stats.remote() for actor in readers]):
-            total.add(stats)
-        return total.as_dict()
+        return store_total(listed, ray.get([actor.store_stats.remote() for actor in readers]))
 
     def _stop(self, reason: str | None = None) -> None:
         # Mixers on other nodes unlink their own rings (best effort: a dead mixer cannot answer).
@@ -216,7 +204,7 @@ class ImagePipeline:
         listing = BadSamplePolicy(spec.on_error)
         before = PROCESS_STATS.as_dict()
         shards = prepare_shards(spec, self.console, listing)
-        listed_stats = _stats_since(before)
+        listed_stats = stats_since(before)
         # Shard-wide losses found by the listing (records without an epoch): their keys miss every epoch.
         listed = listing.drain()
         lost = lost_keys(listed, shards)

@@ -13,6 +13,23 @@ from rich.table import Table
 from mixflow.runtime.ledger import EpochLedger
 
 
+def store_total(driver: dict, processes: list[dict]) -> dict:
+    """A run's object-store counts (:meth:`~mixflow.data.object_store.StoreStats.as_dict`): the
+    driver's own (listing, manifests, held-out sets) plus each reading actor's process."""
+    from mixflow.data.object_store import StoreStats
+
+    total = StoreStats()
+    for stats in (driver, *processes):
+        total.add(stats)
+    return total.as_dict()
+
+
+def store_line(store: dict) -> str:
+    """The summary's object-store line (image and token runs print the same)."""
+    return (f"object store: {store['downloads']} shard downloads ({store['bytes_downloaded'] / 2**20:.1f} MiB), "
+            f"{store['cache_hits']} cache hits, {store['evictions']} evictions, {store['retries']} requests retried")
+
+
 @dataclass
 class RankSummary:
     rank: int
@@ -109,9 +126,7 @@ class RunSummary:
             style = "green" if ledger.exactly_once else "red"
             console.print(f"[{style}]ledger {escape(ledger.describe())}[/]")
         if self.store:
-            console.print(f"object store: {self.store['downloads']} shard downloads "
-                          f"({self.store['bytes_downloaded'] / 2**20:.1f} MiB), {self.store['cache_hits']} cache hits, "
-                          f"{self.store['evictions']} evictions, {self.store['retries']} requests retried")
+            console.print(store_line(self.store))
         if self.skipped:
             console.print(f"[yellow]{self.skipped} bad samples skipped (see quarantine.jsonl)[/]")
         if self.suspect:

@@ -28,7 +28,7 @@ from rich.table import Table
 
 from mixflow.config import TokenPipelineSpec
 from mixflow.data.bad_samples import SkipRecord, write_quarantine
-from mixflow.data.object_store import PROCESS_STATS, RemoteDir, is_url, list_prefixes
+from mixflow.data.object_store import PROCESS_STATS, RemoteDir, is_url, list_prefixes, stats_since
 from mixflow.data.text_domains import machine_documents
 from mixflow.data.token_shard_writer import MANIFEST, read_manifest, write_domain_splits
 from mixflow.data.token_source import TokenSource
@@ -42,6 +42,7 @@ from mixflow.runtime.state_journal import StateJournal
 from mixflow.runtime.progress import PipelineProgress
 from mixflow.runtime.ray_session import ensure_ray
 from mixflow.runtime.stage_failure import stop_stages, wait_for_stages
+from mixflow.runtime.summary import store_line, store_total
 from mixflow.runtime.token_producer import TokenProducer
 from mixflow.runtime.token_trainer_actor import TokenTrainerRank
 
@@ -157,6 +158,7 @@ class TokenRunSummary:
     batches: list[list[dict]] = field(default_factory=list)  # per rank, per batch: step, version, counts, p
     reports: list[dict] = field(default_factory=list)  # merged feedback: kind, version, step, counts
     placement: list[dict] = field(default_factory=list)  # per rank: node of its trainer, producer, channel
+    store: dict = field(default_factory=dict)  # object-store counts (shards from a URL): driver + producers
 
     @property
     def missing_inputs(self) -> list[str]:
@@ -221,6 +223,8 @@ class TokenRunSummary:
             console.print(f"[yellow]policy {escape(self.policy)} never received {', '.join(self.missing_inputs)}: "
                           "it could not move its mixture[/]")
         console.print("waiting for data per rank: " + ", ".join(f"r{r}: {w:.1f} s" for r, w in enumerate(self.wait_s)))
+        if self.store:
+            console.print(store_line(self.store))
         if self.skipped:
             console.print(f"[yellow]{self.skipped} bad documents skipped (see quarantine.jsonl)[/]")
 
@@ -292,8 +296,10 @@ class TokenPipeline:
         first_step = self._check_resume()
         if stop_after is not None and not first_step < stop_after < t.steps:
             raise ValueError(f"stop_after must be in ({first_step}, {t.steps}), got {stop_after}")
+        before = PROCESS_STATS.as_dict()
         domain_dirs = prepare_domains(spec, self.console)
         val, test = held_out_sets(domain_dirs, spec.data.seq_len, spec.data.eval_sequences)
+        driver_stats = stats_since(before)  # listing, manifests, the held-out sets
         ensure_ray(spec.runtime.address, spec.runtime.runtime_env)
         start = time.perf_counter()
         try:
@@ -310,6 +316,8 @@ class TokenPipeline:
                 self.state = self._checkpoint(stop_after)  # producers are stopped mid-stream below
             else:
                 ray.get(list(producers))
+            store = (store_total(driver_stats, ray.get([p.store_stats.remote() for p in self.producers]))
+                     if is_url(spec.data.shards) else {})
             trajectory = ray.get(self.controller.get_trajectory.remote())
             stats = ray.get(self.controller.stats.remote())
             reports = ray.get(self.controller.get_merged_log.remote())
@@ -324,7 +332,8 @@ class TokenPipeline:
         summary = TokenRunSummary(spec.name, spec.mixture.policy, [d.name for d in domain_dirs], startup_s, wall_s,
                                   sum(r["tokens"] for r in ranks), ranks[0]["steps"], [r["wait_s"] for r in ranks],
                                   main.get("test_loss") or [], trajectory, stats, len(skipped),
-                                  main.get("curve") or [], [r["batches"] for r in ranks], reports, self.placement)
+                                  main.get("curve") or [], [r["batches"] for r in ranks], reports, self.placement,
+                                  store)
         summary.save(spec.run_path / "summary.json")
         summary.warn_missing_inputs()
         if skipped:

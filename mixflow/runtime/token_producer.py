@@ -30,7 +30,8 @@ from mixflow.runtime.placement import Placed
 from mixflow.seeding import numpy_rng
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+# Two threads: ``store_stats`` answers while ``run`` waits on a full channel (a stopped run's summary).
+@ray.remote(num_cpus=0, max_concurrency=2, max_restarts=-1, max_task_retries=-1)
 class TokenProducer(Placed):
     def __init__(self, rank: int, world_size: int, domain_dirs: list, seq_len: int, batch_size: int,
                  seed: int, on_error: str, controller, channel, state: dict | None = None, first_step: int = 0):
@@ -69,6 +70,13 @@ class TokenProducer(Placed):
             p["sequences"] += len(batch["keys"])
         ray.get(self.channel.end.remote({"epoch": 0, "rank": self.rank, "steps": last_step - first_step}))
         return {**p, "rank": self.rank}
+
+    def store_stats(self) -> dict:
+        """What this actor's process did with the object store (shard downloads, cache hits, retries;
+        a restarted producer counts from its restart)."""
+        from mixflow.data.object_store import process_stats  # the module's, not a copy pickled with the class
+
+        return process_stats()
 
     def pid(self) -> int:
         return os.getpid()
