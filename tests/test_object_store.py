@@ -252,6 +252,43 @@ def test_token_pipeline_from_s3_gives_the_local_stream(ray_session, s3_endpoint,
     assert f"{store['downloads']} shard downloads" in printed and f"{store['retries']} requests retried" in printed
 
 
+def test_token_pipeline_resumed_from_the_bucket_continues_the_exact_stream(ray_session, s3_endpoint, text_domains,
+                                                                           tmp_path):
+    """A token run reading from the bucket, stopped after step 5 and resumed from its checkpoint:
+    before + after is the uninterrupted stream, batch for batch; the resumed run finds every shard
+    in the cache (no download) and the stopped run's summary still counts its producers' downloads."""
+    import torch
+
+    from mixflow.config import validate_spec
+    from mixflow.runtime.token_pipeline import TokenPipeline
+
+    url = upload(s3_endpoint, text_domains, "text-resume")
+
+    def spec(shards, sub, **data):
+        return validate_spec({
+            "kind": "tokens", "name": "tok", "seed": 3, "run_dir": str(tmp_path / sub),
+            "data": {"shards": shards, "seq_len": 32, "eval_sequences": 8, **data},
+            "mixture": {"policy": "stratified"}, "channel": {"max_items": 3, "max_bytes": "1MiB"},
+            "trainer": {"ranks": 2, "steps": 10, "batch_size": 8, "model": "unigram", "eval_every": 0}})
+
+    def remote(sub):
+        return spec(url, sub, cache_dir=str(tmp_path / "cache"),
+                    storage_options={"client_kwargs": {"endpoint_url": s3_endpoint}})
+
+    whole = _token_stream(TokenPipeline(spec(str(text_domains), "whole"), show_progress=False).run())
+    first = TokenPipeline(remote("a"), show_progress=False)
+    stopped = first.run(stop_after=5)
+    first.save_checkpoint(tmp_path / "ckpt.pt")
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    resumed = TokenPipeline(remote("b"), show_progress=False, resume_from=state).run()
+    before, after = _token_stream(stopped), _token_stream(resumed)
+    for rank in range(2):
+        assert [b[0] for b in before[rank]] == list(range(5))
+        assert before[rank] + after[rank] == whole[rank], f"rank {rank}"
+    assert stopped.store["downloads"] > 0
+    assert resumed.store["downloads"] == 0 and resumed.store["cache_hits"] > 0
+
+
 # --- transient faults: a proxy in front of the endpoint ---------------------------------------
 
 
