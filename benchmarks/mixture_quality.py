@@ -21,7 +21,7 @@ learning rate. DoReMi (a reference run first: ``trainer.save_model`` /
 ``trainer.reference_model``) and Skill-It (its graph estimate costs m x ``graph_steps``)
 are not in the default list.
 
-Usage::
+Usage (``pip install -e '.[bench]'`` brings matplotlib for the plot)::
 
     python benchmarks/mixture_quality.py [--steps 200] [--seeds 0,1,2]
         [--policies stratified,aioli,odm,ado,tikmix_d,doge] [--sets all4,prose3,code2] [--out DIR]
@@ -108,6 +108,11 @@ def plot_trajectories(results: dict, path: Path, steps: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:  # before an hour of runs, not after them
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("benchmarks/mixture_quality.py plots the proportions with matplotlib: "
+                         "pip install -e '.[bench]'") from None
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", default="0,1,2")
