@@ -53,23 +53,24 @@ DOMAIN_SETS = {
 LR = 3e-3
 
 
-def policy_params(policy: str, aioli_round: int, aioli_lp_steps: int = 2) -> dict:
+def policy_params(policy: str, aioli_round: int, aioli_lp_steps: int = 2, aioli_eta: float | None = None) -> dict:
     if policy == "aioli":
-        return {"lp_rounds": 1, "lp_steps": aioli_lp_steps, "steps_per_round": aioli_round}
+        eta = {} if aioli_eta is None else {"eta": aioli_eta}  # None: the paper's for the nearest m
+        return {"lp_rounds": 1, "lp_steps": aioli_lp_steps, "steps_per_round": aioli_round, **eta}
     if policy == "doge":
         return {"eta": LR}
     return {}
 
 
 def run_one(domains: list[str], shards: Path, run_dir: Path, policy: str, seed: int, steps: int,
-            aioli_round: int, console: Console, aioli_lp_steps: int = 2):
+            aioli_round: int, console: Console, aioli_lp_steps: int = 2, aioli_eta: float | None = None):
     from mixflow.runtime.token_pipeline import TokenPipeline
 
     spec = validate_spec({
         "kind": "tokens", "name": f"quality_{policy}_{seed}", "seed": seed, "run_dir": str(run_dir),
         "data": {"shards": str(shards), "machine_domains": domains, "max_bytes_per_domain": "2MiB",
                  "seq_len": 128, "eval_sequences": 64},
-        "mixture": {"policy": policy, "params": policy_params(policy, aioli_round, aioli_lp_steps)},
+        "mixture": {"policy": policy, "params": policy_params(policy, aioli_round, aioli_lp_steps, aioli_eta)},
         "channel": {"max_items": 4, "max_bytes": "4MiB"},
         "trainer": {"ranks": 2, "steps": steps, "batch_size": 16, "d_model": 128, "layers": 2, "heads": 4,
                     "lr": LR, "eval_every": 0},
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sets", default="all4,prose3,code2", help=f"domain sets: {', '.join(DOMAIN_SETS)}")
     parser.add_argument("--aioli-round", type=int, default=32, help="Aioli steps_per_round")
     parser.add_argument("--aioli-lp-steps", type=int, default=2, help="Aioli lp_steps (one sweep per round)")
+    parser.add_argument("--aioli-eta", type=float, help="Aioli's step size (default: the paper's for the nearest m)")
     parser.add_argument("--out", default="runs/mixture_quality", help="shards, runs, results.json, PNG")
     args = parser.parse_args(argv)
     console = Console()
@@ -139,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in seeds:
             for policy in policies:
                 s = run_one(domains, out / "shards", out / "runs" / set_name / f"{policy}_{seed}", policy, seed,
-                            args.steps, args.aioli_round, console, args.aioli_lp_steps)
+                            args.steps, args.aioli_round, console, args.aioli_lp_steps, args.aioli_eta)
                 results[set_name][policy]["runs"].append(
                     {"seed": seed, "mean_perplexity": s.mean_perplexity, "test_perplexity": s.test_perplexity,
                      "domains": s.domains, "trajectory": s.trajectory, "tokens": s.tokens,
