@@ -17,14 +17,15 @@ many rounds as fit ``--steps`` (the pipeline passes ``total_steps``), the last o
 on its learned mixture to the end. That keeps LearnParams at <= 25% of the steps (m = 4:
 8 of every 40), where the paper's 250-step rounds would exceed the whole budget; each run's
 share is printed and saved (``learn_params_share``). DoGE's step size is the model's
-learning rate. DoReMi (a reference run first: ``trainer.save_model`` /
-``trainer.reference_model``) and Skill-It (its graph estimate costs m x ``graph_steps``)
-are not in the default list.
+learning rate. DoReMi runs its two phases: each seed's stratified run is the reference
+model (``trainer.save_model``), which the DoReMi run's ranks load (``trainer.reference_model``)
+to report its per-domain loss on their batches. Skill-It estimates its skills graph in the
+run (m x ``graph_steps`` steps).
 
 Usage (``pip install -e '.[bench]'`` brings matplotlib for the plot)::
 
     python benchmarks/mixture_quality.py [--steps 200] [--seeds 0,1,2]
-        [--policies stratified,aioli,odm,ado,tikmix_d,doge] [--sets all4,prose3,code2] [--out DIR]
+        [--policies stratified,aioli,odm,ado,tikmix_d,tikmix_m,doge,doremi,skill_it] [--sets all4,prose3,code2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -66,6 +67,9 @@ def run_one(domains: list[str], shards: Path, run_dir: Path, policy: str, seed: 
             aioli_round: int, console: Console, aioli_lp_steps: int = 2, aioli_eta: float | None = None):
     from mixflow.runtime.token_pipeline import TokenPipeline
 
+    # DoReMi's two phases: the stratified run is the reference model, the DoReMi run its proxy
+    reference = {"stratified": {"save_model": str(reference_path(run_dir, seed))},
+                 "doremi": {"reference_model": str(reference_path(run_dir, seed))}}.get(policy, {})
     spec = validate_spec({
         "kind": "tokens", "name": f"quality_{policy}_{seed}", "seed": seed, "run_dir": str(run_dir),
         "data": {"shards": str(shards), "machine_domains": domains, "max_bytes_per_domain": "2MiB",
@@ -73,9 +77,14 @@ def run_one(domains: list[str], shards: Path, run_dir: Path, policy: str, seed: 
         "mixture": {"policy": policy, "params": policy_params(policy, aioli_round, aioli_lp_steps, aioli_eta)},
         "channel": {"max_items": 4, "max_bytes": "4MiB"},
         "trainer": {"ranks": 2, "steps": steps, "batch_size": 16, "d_model": 128, "layers": 2, "heads": 4,
-                    "lr": LR, "eval_every": 0},
+                    "lr": LR, "eval_every": 0, **reference},
     })
     return TokenPipeline(spec, console, show_progress=False).run()
+
+
+def reference_path(run_dir: Path, seed: int) -> Path:
+    """DoReMi's reference model of ``seed``: the stratified run of the same set and seed saves it."""
+    return run_dir.parent / f"reference_{seed}.pt"
 
 
 def plot_trajectories(results: dict, path: Path, steps: int) -> None:
@@ -117,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--policies", default="stratified,aioli,odm,ado,tikmix_d,doge")
+    parser.add_argument("--policies", default="stratified,aioli,odm,ado,tikmix_d,tikmix_m,doge,doremi,skill_it")
     parser.add_argument("--sets", default="all4,prose3,code2", help=f"domain sets: {', '.join(DOMAIN_SETS)}")
     parser.add_argument("--aioli-round", type=int, default=32, help="Aioli steps_per_round")
     parser.add_argument("--aioli-lp-steps", type=int, default=2, help="Aioli lp_steps (one sweep per round)")
