@@ -829,17 +829,24 @@ def test_summary_prints_keys_and_names_verbatim():
     assert "run [/x]: 1 samples" in out and "1 missing (e.g. [/k])" in out
 
 
-def test_garbage_without_ff_bytes_is_delivered_as_suspect(clean, tmp_path):
-    """Random scan data without a single 0xFF keeps the marker structure intact; DALI (and PIL)
-    decode it into noise without an error (libjpeg only warns on stderr), so it arrives, even
-    under ``raise``: the entropy walk lists it as suspect, with shard, key and libjpeg's warning,
-    and so is a scan cut short (premature end). No other sample is suspect."""
+def _suspect_shards(clean, tmp_path):
+    """The clean shards with two samples of shard 4 made suspect: one whose scan data is garbage
+    without a single 0xFF, one whose scan is cut in half (then EOI). Returns (directory, their keys)."""
     directory = tmp_path / "shards"
     shutil.copytree(clean[0], directory)
     garbage, short = keys_of(4)[0], keys_of(4)[3]
     cut = lambda jpg: jpg[:(jpg.index(b"\xff\xda") + len(jpg)) // 2] + b"\xff\xd9"  # noqa: E731
     rewrite_shard(directory, 4, lambda k, c: {**c, "jpg": garbage_scan(c["jpg"], no_ff=True)} if k == garbage
                   else {**c, "jpg": cut(c["jpg"])} if k == short else c)
+    return directory, garbage, short
+
+
+def test_garbage_without_ff_bytes_is_delivered_as_suspect(clean, tmp_path):
+    """Random scan data without a single 0xFF keeps the marker structure intact; DALI (and PIL)
+    decode it into noise without an error (libjpeg only warns on stderr), so it arrives, even
+    under ``raise``: the entropy walk lists it as suspect, with shard, key and libjpeg's warning,
+    and so is a scan cut short (premature end). No other sample is suspect."""
+    directory, garbage, short = _suspect_shards(clean, tmp_path)
     stage = DecodeStage(list_shards(directory), 0, 1, WHOLE, 16, num_classes=10, seed=3)
     delivered, suspects = {}, []
     while (batch := stage.next_batch()) is not None:
@@ -871,12 +878,7 @@ def test_pipeline_counts_and_lists_suspect_samples(ray_session, clean, tmp_path)
     summary counts them as suspect (not skipped) and suspect.jsonl lists their shard, key and reason."""
     from mixflow.runtime.image_pipeline import ImagePipeline
 
-    directory = tmp_path / "shards"
-    shutil.copytree(clean[0], directory)
-    garbage, short = keys_of(4)[0], keys_of(4)[3]
-    cut = lambda jpg: jpg[:(jpg.index(b"\xff\xda") + len(jpg)) // 2] + b"\xff\xd9"  # noqa: E731
-    rewrite_shard(directory, 4, lambda k, c: {**c, "jpg": garbage_scan(c["jpg"], no_ff=True)} if k == garbage
-                  else {**c, "jpg": cut(c["jpg"])} if k == short else c)
+    directory, garbage, short = _suspect_shards(clean, tmp_path)
     spec = make_spec(directory, tmp_path, on_error="raise", mix={"method": "none"},
                      trainer={"ranks": 1, "batch_size": 16})
     summary = ImagePipeline(spec, show_progress=False).run()

@@ -207,27 +207,30 @@ def _token_stream(summary):
     return [[(b["step"], b["version"], tuple(b["keys"]), b["crc"]) for b in rank] for rank in summary.batches]
 
 
+def _token_spec(shards, run_dir, steps, **data):
+    """A small stratified token run (unigram model, 2 ranks) over ``shards``; ``data`` adds fields."""
+    from mixflow.config import validate_spec
+
+    return validate_spec({
+        "kind": "tokens", "name": "tok", "seed": 3, "run_dir": str(run_dir),
+        "data": {"shards": shards, "seq_len": 32, "eval_sequences": 8, **data},
+        "mixture": {"policy": "stratified"}, "channel": {"max_items": 3, "max_bytes": "1MiB"},
+        "trainer": {"ranks": 2, "steps": steps, "batch_size": 8, "model": "unigram", "eval_every": 0}})
+
+
 def test_token_pipeline_from_s3_gives_the_local_stream(ray_session, s3_endpoint, text_domains, tmp_path):
     """The same token stream from the bucket as from local disk, with every shard download going
     through the faulty proxy (parquet GETs answered 500 or cut mid-body); the summary counts the
     downloads, cache hits and the retries the faults caused, printed and in summary.json."""
     from rich.console import Console
 
-    from mixflow.config import validate_spec
     from mixflow.runtime.token_pipeline import TokenPipeline
 
     url = upload(s3_endpoint, text_domains, "text")
 
-    def spec(shards, sub, **data):
-        return validate_spec({
-            "kind": "tokens", "name": "tok", "seed": 3, "run_dir": str(tmp_path / sub),
-            "data": {"shards": shards, "seq_len": 32, "eval_sequences": 8, **data},
-            "mixture": {"policy": "stratified"}, "channel": {"max_items": 3, "max_bytes": "1MiB"},
-            "trainer": {"ranks": 2, "steps": 12, "batch_size": 8, "model": "unigram", "eval_every": 0}})
-
-    local = TokenPipeline(spec(str(text_domains), "local"), show_progress=False).run()
+    local = TokenPipeline(_token_spec(str(text_domains), tmp_path / "local", 12), show_progress=False).run()
     with FaultyProxy(s3_endpoint, every=4, match=".parquet") as proxy:
-        remote = TokenPipeline(spec(url, "remote", cache_dir=str(tmp_path / "cache"),
+        remote = TokenPipeline(_token_spec(url, tmp_path / "remote", 12, cache_dir=str(tmp_path / "cache"),
                                     storage_options={"client_kwargs": {"endpoint_url": proxy.url}}),
                                show_progress=False).run()
     assert remote.domains == local.domains == sorted(p.name for p in Path(text_domains).iterdir())
@@ -259,23 +262,16 @@ def test_token_pipeline_resumed_from_the_bucket_continues_the_exact_stream(ray_s
     in the cache (no download) and the stopped run's summary still counts its producers' downloads."""
     import torch
 
-    from mixflow.config import validate_spec
     from mixflow.runtime.token_pipeline import TokenPipeline
 
     url = upload(s3_endpoint, text_domains, "text-resume")
 
-    def spec(shards, sub, **data):
-        return validate_spec({
-            "kind": "tokens", "name": "tok", "seed": 3, "run_dir": str(tmp_path / sub),
-            "data": {"shards": shards, "seq_len": 32, "eval_sequences": 8, **data},
-            "mixture": {"policy": "stratified"}, "channel": {"max_items": 3, "max_bytes": "1MiB"},
-            "trainer": {"ranks": 2, "steps": 10, "batch_size": 8, "model": "unigram", "eval_every": 0}})
-
     def remote(sub):
-        return spec(url, sub, cache_dir=str(tmp_path / "cache"),
-                    storage_options={"client_kwargs": {"endpoint_url": s3_endpoint}})
+        return _token_spec(url, tmp_path / sub, 10, cache_dir=str(tmp_path / "cache"),
+                           storage_options={"client_kwargs": {"endpoint_url": s3_endpoint}})
 
-    whole = _token_stream(TokenPipeline(spec(str(text_domains), "whole"), show_progress=False).run())
+    whole = _token_stream(TokenPipeline(_token_spec(str(text_domains), tmp_path / "whole", 10),
+                                        show_progress=False).run())
     first = TokenPipeline(remote("a"), show_progress=False)
     stopped = first.run(stop_after=5)
     first.save_checkpoint(tmp_path / "ckpt.pt")

@@ -149,16 +149,11 @@ class ImagePipeline:
         master_addr, master_port = ray.get(self.trainers[0].address.remote())
         ray.get([t.setup.remote(master_addr, master_port, saved[r] if saved else None)
                  for r, t in enumerate(self.trainers)])
-        self.placement = self._where(started)
+        self.placement = rank_placement(started, ranks, spec.runtime.readers_per_rank if self.decoders else 0)
 
     def _named_actors(self) -> dict:
         """Stage name (as errors name them) -> actor, for every actor of the pipeline."""
         return stage_names(trainer=self.trainers, mixer=self.mixers, channel=self.channels, reader=self.decoders)
-
-    def _where(self, nodes: dict[str, str]) -> list[dict]:
-        """Per rank, the node each of its actors runs on (``nodes``: stage name -> node id)."""
-        return rank_placement(nodes, self.spec.trainer.ranks,
-                              self.spec.runtime.readers_per_rank if self.decoders else 0)
 
     def state_dict(self) -> dict:
         """The pipeline state: from the trainers while running, else as the last run left it."""

@@ -119,7 +119,8 @@ def wait_started(actors: dict[str, object], timeout_s: float) -> dict[str, str]:
 
     refs = {actor.placement.remote(): name for name, actor in actors.items()}
     done, waiting = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
-    placed = {refs[ref]: where_run["node_id"] for ref, where_run in zip(done, ray.get(done))}  # a failed constructor raises
+    # ray.get raises for a stage whose constructor failed
+    placed = {refs[ref]: where_run["node_id"] for ref, where_run in zip(done, ray.get(done))}
     if waiting:
         names = ", ".join(refs[r] for r in waiting)
         free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
